@@ -1,0 +1,113 @@
+"""`JanusCalculator`: the ASE front end of a Janus model.
+
+Takes an exported TorchScript file (`janus export`), a training checkpoint, or a
+`JanusPotential` instance. The neighbour list is built with `cutoff + skin` and reused
+until an atom has moved more than half the skin (or the cell, the elements or the periodic
+flags change), so an MD step costs one model evaluation and no neighbour search; edges
+beyond the cutoff are masked out at every step. Input checks (unknown elements, NaN/inf
+positions, overlapping atoms, a zero-volume periodic cell) raise `JanusInputError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from janus_potential.errors import JanusInputError
+from janus_potential.export import is_exported_file, load_exported
+from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
+from janus_potential.model import JanusPotential
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def load_model(model: Any) -> tuple[Any, float, list[int], torch.dtype]:
+    """(callable module, cutoff, supported atomic numbers, dtype) for a path or a model."""
+    from ase.data import atomic_numbers
+
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.exists(model):
+            raise JanusInputError(f"model file {os.fspath(model)!r} does not exist")
+        if is_exported_file(model):
+            module, metadata = load_exported(model)
+            elements = [atomic_numbers[s] for s in metadata["elements"]]
+            return module, float(metadata["cutoff"]), elements, DTYPES[metadata["dtype"]]
+        model = JanusPotential.load(model)
+    if isinstance(model, JanusPotential):
+        return model, model.cutoff, model.supported_elements(), next(model.parameters()).dtype
+    raise TypeError(f"JanusCalculator needs a model file or a JanusPotential, not {type(model).__name__}")
+
+
+class JanusCalculator(Calculator):
+    """ASE calculator for energy, free_energy, forces, stress (Voigt, ASE sign) and energies."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model: Any, skin: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module, self.cutoff, self.supported_elements, self.dtype = load_model(model)
+        self.skin = float(skin)
+        self._neighbors: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- neighbour list
+    def _neighbor_list(self, atoms) -> dict[str, Any]:
+        positions = np.asarray(atoms.get_positions(), dtype=np.float64)
+        cell = np.asarray(atoms.get_cell(), dtype=np.float64)
+        pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+        numbers = np.asarray(atoms.get_atomic_numbers())
+        cached = self._neighbors
+        if (
+            cached is not None
+            and cached["numbers"].shape == numbers.shape
+            and np.array_equal(cached["numbers"], numbers)
+            and np.array_equal(cached["pbc"], pbc)
+            and np.array_equal(cached["cell"], cell)
+            and np.max(np.linalg.norm(positions - cached["positions"], axis=1)) < 0.5 * self.skin
+        ):
+            return cached
+        check_structure(atoms, self.supported_elements)
+        i, j, shifts, _ = neighbor_pairs(positions, cell, pbc, self.cutoff + self.skin)
+        self._neighbors = {
+            "numbers": numbers.copy(), "pbc": pbc.copy(), "cell": cell.copy(), "positions": positions.copy(),
+            "i": i, "j": j, "offsets": shifts.astype(np.float64) @ cell,
+            "species": torch.as_tensor(numbers, dtype=torch.long),
+        }
+        return self._neighbors
+
+    # ----------------------------------------------------------------- evaluation
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        positions = np.asarray(atoms.get_positions(), dtype=np.float64)
+        if not np.isfinite(positions).all():
+            bad = np.nonzero(~np.isfinite(positions).all(axis=1))[0]
+            raise JanusInputError(f"positions contain NaN or infinite values (atoms {bad[:10].tolist()})")
+        neighbors = self._neighbor_list(atoms)
+        i, j = neighbors["i"], neighbors["j"]
+        vectors = positions[j] - positions[i] + neighbors["offsets"]
+        distances = np.linalg.norm(vectors, axis=1)
+        within = distances < self.cutoff
+        if distances.size and distances.min() < MIN_DISTANCE:
+            check_overlaps(i, j, distances)
+        edge_index = torch.as_tensor(np.stack([i[within], j[within]]))
+        edge_vectors = torch.as_tensor(vectors[within], dtype=self.dtype)
+        n = len(atoms)
+        periodic = bool(np.all(atoms.get_pbc()))
+        with torch.enable_grad():
+            out = self.module(
+                neighbors["species"], edge_index, edge_vectors, torch.zeros(n, dtype=torch.long), 1,
+                True, periodic, False,
+            )
+        energy = float(out["energy"][0].detach())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out["atom_energies"].detach().to(torch.float64).numpy()
+        self.results["forces"] = out["forces"].detach().to(torch.float64).numpy()
+        if periodic:
+            virial = out["virial"][0].detach().to(torch.float64).numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())

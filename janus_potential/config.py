@@ -1,0 +1,82 @@
+"""Model hyper-parameters and the named presets (`tiny`, `small`, `base`, `1b`).
+
+A preset is a plain `ModelConfig`; `ModelConfig.from_preset(name, **overrides)` applies
+keyword overrides on top of it. Parameter counts (total and active per atom) are reported
+by `JanusPotential.parameter_report()`, which counts the real tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a Janus model; every field has a default (the `small` preset)."""
+
+    cutoff: float = 5.0
+    three_body_cutoff: float = 3.5
+    num_interactions: int = 3
+    features: int = 64
+    num_radial: int = 8
+    num_three_body_radial: int = 4
+    angular_order: int = 3
+    three_body_features: int = 16
+    num_heads: int = 4
+    num_experts: int = 8
+    experts_per_atom: int = 1
+    expert_hidden: int = 128
+    shared_expert_hidden: int = 128
+    router_uses_features: bool = False
+    readout_hidden: int = 64
+    max_atomic_number: int = 100
+    logit_cap: float = 5.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.three_body_cutoff > self.cutoff:
+            raise ValueError("three_body_cutoff must not exceed cutoff")
+        if not 1 <= self.experts_per_atom <= self.num_experts:
+            raise ValueError("experts_per_atom must be between 1 and num_experts")
+        if self.cutoff <= 0 or self.three_body_cutoff <= 0:
+            raise ValueError("cutoffs must be positive")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        values = dataclasses.asdict(PRESETS[name])
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        return cls(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        cutoff=4.0, three_body_cutoff=3.0, num_interactions=2, features=16, num_radial=6,
+        num_three_body_radial=3, angular_order=2, three_body_features=8, num_heads=2, num_experts=4,
+        experts_per_atom=1, expert_hidden=32, shared_expert_hidden=32, readout_hidden=16,
+    ),
+    "small": ModelConfig(),
+    "base": ModelConfig(
+        cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=128, num_radial=8,
+        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=8, num_experts=16,
+        experts_per_atom=2, expert_hidden=256, shared_expert_hidden=256, readout_hidden=128,
+    ),
+    "1b": ModelConfig(
+        cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=512, num_radial=8,
+        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=16, num_experts=128,
+        experts_per_atom=2, expert_hidden=2048, shared_expert_hidden=2048, readout_hidden=256,
+    ),
+}

@@ -1,0 +1,96 @@
+"""Export a trained model to one TorchScript file (DESIGN.md's export contract).
+
+The file holds the scripted `JanusPotential` (methods `prepare`, `embed`, `interaction`,
+`readout`, `forward`) and an extra file `metadata.json` with the format version, cutoff,
+number of interaction layers, node feature width, supported elements, dtype and training
+provenance. C++ reads the metadata through `torch::jit::load(path, device, extra_files)`;
+Python through `load_exported`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .elements import number_to_symbol
+from .errors import JanusInputError
+from .model import JanusPotential
+
+EXPORT_FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def export_metadata(model: JanusPotential, dtype: str, provenance: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    return {
+        "format": "janus-torchscript",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "cutoff": model.cutoff,
+        "num_interactions": model.num_interactions,
+        "features": model.features,
+        "elements": [number_to_symbol(z) for z in model.supported_elements()],
+        "dtype": dtype,
+        "config": model.config.to_dict(),
+        "parameters": model.parameter_report(),
+        "provenance": provenance if provenance is not None else getattr(model, "provenance", {}),
+    }
+
+
+def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "float32",
+                 provenance: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """Script `model` in `dtype` and write it with its metadata to `path` (atomically)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    exported = JanusPotential(model.config).to(DTYPES[dtype])
+    exported.load_state_dict(model.state_dict())
+    exported.eval()
+    metadata = export_metadata(model, dtype, provenance)
+    scripted = torch.jit.script(exported)
+    tmp = f"{os.fspath(path)}.tmp"
+    # ScriptModule.save is shadowed by JanusPotential.save (the checkpoint writer): call the
+    # C++ module's save directly.
+    scripted._c.save(tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    os.replace(tmp, path)
+    return metadata
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """Metadata of an exported file, with a clear error for anything else."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise JanusInputError(f"model file {path!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise JanusInputError(f"{path!r} is not a Janus model file (not a TorchScript archive)")
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
+        if not names:
+            raise JanusInputError(f"{path!r} is not a Janus model file (no {METADATA_FILE})")
+        metadata = json.loads(archive.read(names[0]))
+    if metadata.get("format") != "janus-torchscript":
+        raise JanusInputError(f"{path!r} is not a Janus model file")
+    if metadata.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise JanusInputError(
+            f"{path!r} has format version {metadata.get('format_version')}, "
+            f"this Janus reads version {EXPORT_FORMAT_VERSION}; re-export it with this version"
+        )
+    return metadata
+
+
+def load_exported(path: str | os.PathLike) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load an exported TorchScript file and its metadata."""
+    metadata = read_metadata(path)
+    try:
+        module = torch.jit.load(os.fspath(path), map_location="cpu")
+    except Exception as exc:
+        raise JanusInputError(f"cannot load model file {os.fspath(path)!r}: {exc}") from exc
+    return module, metadata
+
+
+def is_exported_file(path: str | os.PathLike) -> bool:
+    return zipfile.is_zipfile(os.fspath(path)) and any(
+        n.endswith(f"extra/{METADATA_FILE}") for n in zipfile.ZipFile(os.fspath(path)).namelist()
+    )

@@ -1,0 +1,1 @@
+"""Neural-network building blocks of the Janus model (all TorchScript-compatible)."""

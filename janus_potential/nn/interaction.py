@@ -1,0 +1,93 @@
+"""One interaction layer: three-body bond update, attention over neighbours, MoE node update.
+
+Locality rule (DESIGN.md): the update of centre atom i uses only edges centred at i (the
+two-body edges i->j and the angles j-i-k between them) and the node features of i's
+neighbours. Bond states are directed and owned by their centre atom and are rebuilt in
+every layer from the edge geometry, so node features are the only state that crosses a
+domain boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .geometry import Geometry
+from .moe import MixtureOfExperts
+
+
+class InteractionLayer(nn.Module):
+    def __init__(
+        self,
+        features: int,
+        num_radial: int,
+        three_body_features: int,
+        three_body_basis: int,
+        num_heads: int,
+        num_experts: int,
+        experts_per_atom: int,
+        expert_hidden: int,
+        shared_hidden: int,
+        router_uses_features: bool,
+        logit_cap: float,
+    ) -> None:
+        super().__init__()
+        if features % num_heads:
+            raise ValueError("features must be divisible by num_heads")
+        self.features = features
+        self.num_heads = num_heads
+        self.logit_cap = float(logit_cap)
+        # Three-body: neighbour projection and the weights of the triplet basis.
+        self.three_body_neighbour = nn.Linear(features, three_body_features, bias=False)
+        self.three_body_basis = nn.Linear(three_body_basis, three_body_features, bias=False)
+        # Edge filter (F channels) and edge attention logits (H heads). Separate matmuls, not
+        # one sliced output: the backward of a slice allocates and zero-fills the whole tensor.
+        self.edge_filter = nn.Linear(num_radial + three_body_features, features, bias=False)
+        self.edge_logit = nn.Linear(num_radial + three_body_features, num_heads, bias=False)
+        # Node projections: value (F) and key (H) of neighbours, query (H) of the centre.
+        self.value = nn.Linear(features, features)
+        self.query_key = nn.Linear(features, 2 * num_heads)
+        self.message_out = nn.Linear(features, features, bias=False)
+        self.norm = nn.LayerNorm(features)
+        self.moe = MixtureOfExperts(
+            features, num_experts, experts_per_atom, expert_hidden, shared_hidden, router_uses_features
+        )
+
+    def forward(self, h: torch.Tensor, element_embedding: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        centre = geometry.centre
+        neighbour = geometry.neighbour
+        n_edges = centre.shape[0]
+        n_nodes = h.shape[0]
+        heads = self.num_heads
+        features = self.features
+
+        # Three-body: bond state b_ij = sum_k T(j,i,k) * W h_k over short edges i->j, i->k.
+        neighbour_proj = self.three_body_neighbour(h)
+        triplet = self.three_body_basis(geometry.triplet_basis) * neighbour_proj.index_select(
+            0, geometry.triplet_neighbour
+        )
+        bond = torch.zeros(n_edges, triplet.shape[1], dtype=h.dtype, device=h.device)
+        bond = bond.index_add(0, geometry.triplet_edge, triplet)
+
+        edge_input = torch.cat([geometry.radial, bond], dim=1)
+        query_key = self.query_key(h)
+        value = self.value(h).index_select(0, neighbour)
+
+        # Attention over neighbours, normalised per head at the centre atom. The weights
+        # carry the cutoff envelope and the "1 +" in the denominator, so a neighbour
+        # entering or leaving the cutoff changes the message continuously.
+        logits = (
+            self.edge_logit(edge_input)
+            + query_key[:, heads:].index_select(0, neighbour)
+            + query_key[:, :heads].index_select(0, centre)
+        )
+        logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        weights = torch.exp(logits) * geometry.envelope.unsqueeze(-1)
+        norm = torch.ones(n_nodes, heads, dtype=h.dtype, device=h.device).index_add(0, centre, weights)
+        attention = weights / norm.index_select(0, centre)
+        edge_message = (self.edge_filter(edge_input) * value).view(n_edges, heads, features // heads)
+        edge_message = (edge_message * attention.unsqueeze(-1)).view(n_edges, features)
+        message = torch.zeros_like(h).index_add(0, centre, edge_message)
+
+        h = h + self.message_out(message)
+        return h + self.moe(self.norm(h), element_embedding)

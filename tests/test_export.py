@@ -1,0 +1,63 @@
+"""The exported TorchScript file reproduces the eager model; the CLI writes it."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from janus_potential.ase import JanusCalculator
+from janus_potential.export import load_exported, read_metadata
+from janus_potential.testing import assert_calculators_match, assert_torchscript_matches, random_structure
+
+from .conftest import make_model
+
+
+def test_float64_export_matches_eager(tiny_model, oxide, tmp_path):
+    assert_torchscript_matches(tiny_model, oxide, str(tmp_path / "m64.pt"), dtype="float64", rtol=1e-10)
+
+
+def test_float32_export_matches_eager_to_float32_precision(tiny_model, oxide, tmp_path):
+    path = str(tmp_path / "m32.pt")
+    assert_torchscript_matches(tiny_model, oxide, path, dtype="float32", rtol=2e-5)
+    module, metadata = load_exported(path)
+    assert metadata["dtype"] == "float32"
+    assert module.embedding.weight.dtype == torch.float32
+
+
+def test_small_preset_exports_and_matches(tmp_path):
+    model = make_model("small")
+    atoms = random_structure(["Si", "O", "Al"], 30, seed=9)
+    assert_torchscript_matches(model, atoms, str(tmp_path / "small.pt"), rtol=1e-10)
+
+
+def test_metadata_contract(tiny_model, tmp_path):
+    from janus_potential.export import export_model
+
+    path = tmp_path / "m.pt"
+    export_model(tiny_model, path, dtype="float64")
+    metadata = read_metadata(path)
+    assert metadata["format_version"] == 1
+    assert metadata["cutoff"] == tiny_model.cutoff
+    assert metadata["num_interactions"] == len(tiny_model.layers)
+    assert metadata["features"] == tiny_model.embedding.weight.shape[1]
+    assert metadata["elements"][0] == "H" and metadata["elements"][-1] == "Fm" and len(metadata["elements"]) == 100
+    module = torch.jit.load(str(path))
+    assert module.cutoff == tiny_model.cutoff and module.num_interactions == len(tiny_model.layers)
+
+
+def test_cli_export_from_checkpoint(tiny_model, oxide, tmp_path):
+    checkpoint = tmp_path / "ckpt.pt"
+    tiny_model.save(checkpoint)
+    output = tmp_path / "exported.pt"
+    subprocess.run([sys.executable, "-m", "janus_potential", "export", str(checkpoint), "-o", str(output),
+                    "--dtype", "float64"], check=True, capture_output=True)
+    assert_calculators_match(JanusCalculator(tiny_model), JanusCalculator(str(output)), oxide, rtol=1e-10)
+    assert_calculators_match(JanusCalculator(tiny_model), JanusCalculator(str(checkpoint)), oxide, rtol=1e-12)
+
+
+def test_cli_reports_bad_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "janus_potential", "export", str(tmp_path / "none.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "does not exist" in result.stderr
