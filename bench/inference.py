@@ -1,0 +1,169 @@
+"""Inference benchmark: energy + forces + stress per preset, structure and size.
+
+Each case runs in its own process so that peak memory is that case's alone: seconds per
+evaluation (float32 exported model through JanusCalculator, neighbour list included), ASE
+MD throughput (VelocityVerlet, neighbour list reused within the skin) and peak memory per
+atom (peak RSS minus the RSS before the first evaluation, divided by the atom count).
+When `chgnet` is importable it is measured in the same run as the baseline.
+
+    python bench/inference.py            # full table (64 ... 100,000 atoms)
+    python bench/inference.py --quick    # 64 and 1,000 atoms
+Writes bench/results/inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_structure(system: str, n_atoms: int):
+    from ase.build import bulk
+
+    if system == "Si":
+        unit = bulk("Si", "diamond", a=5.43, cubic=True)
+    else:  # a multi-element oxide: spinel-like MgAl2O4 cation/anion mix on a rocksalt lattice
+        unit = bulk("MgO", "rocksalt", a=4.21, cubic=True)
+    reps = max(1, round((n_atoms / len(unit)) ** (1 / 3)))
+    atoms = unit.repeat((reps, reps, reps))
+    if system == "oxide":
+        rng = np.random.default_rng(0)
+        numbers = atoms.get_atomic_numbers()
+        cations = np.nonzero(numbers == 12)[0]
+        numbers[rng.choice(cations, size=2 * len(cations) // 3, replace=False)] = 13
+        atoms.set_atomic_numbers(numbers)
+    atoms.rattle(0.02, seed=1)
+    return atoms
+
+
+def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations: int) -> dict:
+    import torch
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = build_structure(system, n_atoms)
+    if preset == "chgnet":
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        calculator = CHGNetCalculator()
+    else:
+        from janus_potential import JanusPotential
+        from janus_potential.ase import JanusCalculator
+        from janus_potential.export import export_model
+
+        torch.manual_seed(0)
+        model = JanusPotential.from_preset(preset)
+        if preset == "1b":
+            calculator = JanusCalculator(model)  # eager: scripting a 1e9-parameter model copies it
+        else:
+            path = Path(tempfile.mkdtemp()) / "model.pt"
+            export_model(model, path, dtype="float32")
+            del model
+            calculator = JanusCalculator(str(path))
+    atoms.calc = calculator
+    rss_before = rss_mb()
+    start = time.perf_counter()
+    atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(evaluations):
+        atoms.rattle(1e-3)
+        start = time.perf_counter()
+        atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        times.append(time.perf_counter() - start)
+    result = {
+        "preset": preset, "system": system, "atoms": len(atoms),
+        "first_evaluation_s": first,
+        "seconds_per_evaluation": float(np.median(times)) if times else first,
+    }
+    if md_steps:
+        dynamics = VelocityVerlet(atoms, 1.0 * units.fs)
+        dynamics.run(2)
+        start = time.perf_counter()
+        dynamics.run(md_steps)
+        result["md_atom_steps_per_s"] = md_steps * len(atoms) / (time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak
+    result["peak_kb_per_atom"] = (peak - rss_before) * 1024 / len(atoms)
+    return result
+
+
+def cases(args) -> list[tuple[str, str, int, int, int]]:
+    sizes = [64, 1000] if args.quick else [64, 1000, 10000, 100000]
+    out = []
+    for preset in args.presets:
+        for system in ("Si", "oxide"):
+            for n in sizes:
+                if preset == "base" and n > 10000:
+                    continue
+                md = 20 if n <= 1000 else (5 if n <= 10000 else 0)
+                out.append((preset, system, n, md, 3 if n <= 10000 else 1))
+    if not args.quick or "1b" in args.presets:
+        out.append(("1b", "Si", 64, 0, 1))
+    try:
+        import chgnet  # noqa: F401
+        out += [("chgnet", "Si", 1000, 5, 1)]
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        preset, system, n, md, evals = args.case.split(",")
+        print(json.dumps(run_case(preset, system, int(n), int(md), int(evals))))
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    rows = []
+    for case in cases(args):
+        spec = ",".join(map(str, case))
+        proc = subprocess.run([sys.executable, __file__, "--case", spec], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            rows.append({"preset": case[0], "system": case[1], "atoms": case[2], "error": proc.stderr.strip()[-300:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = rows[-1]
+        print(f"{row['preset']:>7} {row['system']:>6} {row['atoms']:>7} "
+              + ("ERROR " + row["error"][-120:] if "error" in row else
+                 f"{row['seconds_per_evaluation']:9.4f} s/eval  "
+                 f"{row.get('md_atom_steps_per_s', float('nan')):10.0f} atom-steps/s  "
+                 f"{row['peak_kb_per_atom']:8.1f} KB/atom  peak {row['peak_rss_mb']:8.0f} MB"), flush=True)
+    baseline = next((r for r in rows if r.get("preset") == "chgnet" and "md_atom_steps_per_s" in r), None)
+    if baseline:
+        for r in rows:
+            if "md_atom_steps_per_s" in r and r["system"] == "Si" and r["atoms"] == baseline["atoms"]:
+                r["speedup_vs_chgnet"] = r["md_atom_steps_per_s"] / baseline["md_atom_steps_per_s"]
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
+           "baseline": "chgnet" if baseline else "chgnet not installed"}
+    (RESULTS / "inference.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS / 'inference.json'}")
+
+
+if __name__ == "__main__":
+    main()

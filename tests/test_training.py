@@ -1,0 +1,213 @@
+"""Training: second-order loss gradients, data handling, reference energies, eval, config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from janus_potential import JanusInputError, build_graph
+from janus_potential.ase import JanusCalculator
+from janus_potential.testing import random_structure
+from janus_potential.training.config import LossConfig, TrainConfig
+from janus_potential.training.data import Sample, atom_budget_batches, collate, load_dataset, read_samples
+from janus_potential.training.loss import loss_terms, predict
+from janus_potential.training.trainer import fit_reference_energies
+
+from .conftest import make_model
+
+
+def labelled_structures(n: int = 4, seed: int = 0, **label_noise):
+    """Random structures labelled with a different (reference) model, so errors are nonzero."""
+    reference = JanusCalculator(make_model(seed=seed + 100))
+    frames = []
+    for k in range(n):
+        atoms = random_structure(["Li", "Mg", "O"], 6 + k, seed=seed + k)
+        atoms.calc = reference
+        energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+        atoms.info["source"] = "odd" if k % 2 else "even"
+        frames.append(atoms)
+    return frames
+
+
+def samples_of(frames, model, dtype=torch.float64):
+    path_free = []
+    for atoms in frames:
+        results = atoms.calc.results
+        n = len(atoms)
+        stress = results.get("stress")
+        if stress is not None:
+            xx, yy, zz, yz, xz, xy = stress
+            stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        path_free.append(Sample(
+            graph=build_graph(atoms, model.cutoff, dtype=dtype),
+            energy=results.get("energy", float("nan")),
+            forces=torch.as_tensor(results.get("forces", np.full((n, 3), np.nan)), dtype=dtype),
+            stress=torch.as_tensor(stress if stress is not None else np.full((3, 3), np.nan), dtype=dtype),
+            has_energy="energy" in results, has_forces="forces" in results, has_stress="stress" in results,
+            weight=float(atoms.info.get("weight", 1.0)), source=atoms.info.get("source", "x"),
+        ))
+    return path_free
+
+
+def test_loss_gradient_matches_finite_differences_second_order():
+    model = make_model()
+    batch = collate(samples_of(labelled_structures(3), model))
+    config = LossConfig(kind="mse", energy_weight=1.0, forces_weight=10.0, stress_weight=1.0)
+
+    def loss() -> torch.Tensor:
+        return loss_terms(predict(model, batch, create_graph=True), batch, config)["total"]
+
+    model.zero_grad()
+    loss().backward()
+    checked = 0
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None or not any(k in name for k in ("edge_filter", "value", "w_in", "three_body_basis")):
+            continue
+        flat = parameter.data.view(-1)
+        for index in torch.argsort(parameter.grad.view(-1).abs(), descending=True)[:2].tolist():
+            original = flat[index].item()
+            h = 1e-6
+            flat[index] = original + h
+            plus = loss().item()
+            flat[index] = original - h
+            minus = loss().item()
+            flat[index] = original
+            numeric = (plus - minus) / (2 * h)
+            analytic = parameter.grad.view(-1)[index].item()
+            assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+            checked += 1
+    assert checked >= 8
+
+
+def test_force_loss_gradient_needs_create_graph():
+    model = make_model()
+    batch = collate(samples_of(labelled_structures(2), model))
+    config = LossConfig(kind="mse", energy_weight=0.0, forces_weight=1.0, stress_weight=0.0)
+    terms = loss_terms(predict(model, batch, create_graph=True), batch, config)
+    grads = torch.autograd.grad(terms["total"], [model.layers[0].edge_filter.weight])
+    assert grads[0].abs().max() > 0
+    detached = loss_terms(predict(model, batch, create_graph=False), batch, config)
+    assert not detached["forces"].requires_grad  # without create_graph no parameter gradient
+
+
+def test_missing_labels_are_masked():
+    model = make_model()
+    frames = labelled_structures(3)
+    complete = samples_of(frames, model)
+    partial = samples_of(frames, model)
+    partial[1].has_forces = False
+    partial[1].forces = torch.full_like(partial[1].forces, float("nan"))
+    partial[2].has_energy = False
+    partial[2].energy = float("nan")
+    config = LossConfig(kind="mse")
+    prediction = predict(model, collate(partial), create_graph=False)
+    terms = loss_terms(prediction, collate(partial), config)
+    assert all(torch.isfinite(v) for v in terms.values())
+    ref_forces = loss_terms(predict(model, collate([complete[0], complete[2]]), False),
+                            collate([complete[0], complete[2]]), config)["forces"]
+    ref_energy = loss_terms(predict(model, collate(complete[:2]), False), collate(complete[:2]), config)["energy"]
+    torch.testing.assert_close(terms["forces"], ref_forces)
+    torch.testing.assert_close(terms["energy"], ref_energy)
+
+
+def test_reference_energies_recover_a_composition_model():
+    model = make_model()
+    true = {3: -1.9, 12: -1.5, 8: -4.9}
+    samples = samples_of(labelled_structures(5), model)
+    for sample in samples:
+        sample.energy = sum(true[int(z)] for z in sample.graph.species)
+    reference = fit_reference_energies(samples)
+    for z, value in true.items():
+        assert reference[z].item() == pytest.approx(value, abs=1e-9)
+
+
+def test_atom_budget_batches_cover_every_structure_once():
+    sizes = [5, 50, 3, 120, 7, 7, 200, 1, 60]
+    batches = atom_budget_batches(sizes, 128, seed=1, epoch=3)
+    assert sorted(k for b in batches for k in b) == list(range(len(sizes)))
+    for b in batches:
+        assert len(b) == 1 or sum(sizes[k] for k in b) <= 128
+    assert batches == atom_budget_batches(sizes, 128, seed=1, epoch=3)
+    assert batches != atom_budget_batches(sizes, 128, seed=1, epoch=4)
+
+
+def test_data_errors(tmp_path):
+    frames = labelled_structures(2)
+    unlabelled = tmp_path / "unlabelled.xyz"
+    write(unlabelled, [a.copy() for a in frames])
+    with pytest.raises(JanusInputError, match="no frame has an energy"):
+        read_samples(unlabelled, 4.0)
+    bad = frames[0].copy()
+    bad.calc = SinglePointCalculator(bad, energy=float("nan"), forces=frames[0].get_forces())
+    nonfinite = tmp_path / "nonfinite.xyz"
+    write(nonfinite, [bad])
+    with pytest.raises(JanusInputError, match="non-finite energy"):
+        read_samples(nonfinite, 4.0)
+    with pytest.raises(JanusInputError, match="does not exist"):
+        read_samples(tmp_path / "missing.xyz", 4.0)
+    good = tmp_path / "good.xyz"
+    write(good, frames)
+    with pytest.raises(JanusInputError, match=r"element\(s\) \[3\] the model does not cover"):
+        load_dataset([str(good)], 4.0, None, supported_elements=[8, 12])
+    strange = frames[0].copy()
+    strange.numbers[0] = 0
+    strange.calc = SinglePointCalculator(strange, energy=1.0)
+    unknown = tmp_path / "unknown.xyz"
+    write(unknown, [strange])
+    with pytest.raises(JanusInputError, match="unknown element"):
+        read_samples(unknown, 4.0)
+
+
+def test_frames_missing_labels_are_read(tmp_path):
+    frames = labelled_structures(2)
+    only_energy = frames[1].copy()
+    only_energy.calc = SinglePointCalculator(only_energy, energy=frames[1].get_potential_energy())
+    path = tmp_path / "mixed.xyz"
+    write(path, [frames[0], only_energy])
+    samples = read_samples(path, 4.0)
+    assert samples[0].has_forces and samples[0].has_stress
+    assert samples[1].has_energy and not samples[1].has_forces and not samples[1].has_stress
+
+
+def test_eval_reports_known_errors(tmp_path):
+    model = make_model()
+    checkpoint = tmp_path / "model.ckpt"
+    model.save(checkpoint)
+    frames = labelled_structures(4)
+    shift = 0.25  # eV/atom added to every label: the energy MAE must be exactly this
+    calculator = JanusCalculator(model)
+    for atoms in frames:
+        atoms.calc = calculator
+        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = SinglePointCalculator(atoms, energy=e + shift * len(atoms), forces=f + 0.1, stress=s)
+    data = tmp_path / "data.xyz"
+    write(data, frames)
+    result = subprocess.run([sys.executable, "-m", "janus_potential", "eval", str(checkpoint), str(data), "--json"],
+                            check=True, capture_output=True, text=True)
+    summary = json.loads(result.stdout)
+    assert summary["all"]["energy_per_atom"]["mae"] == pytest.approx(shift, abs=1e-9)
+    assert summary["all"]["forces"]["mae"] == pytest.approx(0.1, abs=1e-9)
+    assert summary["all"]["stress_gpa"]["mae"] == pytest.approx(0.0, abs=1e-8)
+    assert set(summary) == {"all", "even", "odd"}
+    assert summary["odd"]["energy_per_atom"]["count"] == 2
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\nmodel:\n  preset: tiny\n")
+    config = TrainConfig.load(path, ["optim.lr=1e-3", "model.overrides.features=32", "data.train=[a.xyz, b.xyz]"])
+    assert config.optim.lr == 1e-3 and config.model.preset == "tiny"
+    assert config.model.overrides == {"features": 32} and config.data.train == ["a.xyz", "b.xyz"]
+    assert config.loss.kind == "huber"  # default kept
+    with pytest.raises(ValueError, match="unknown config key optim.lrr"):
+        TrainConfig.load(None, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        TrainConfig.load(None, ["lr=1"])

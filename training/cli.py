@@ -1,0 +1,50 @@
+"""`janus train` and `janus eval` (added to the `janus` command by janus_potential.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _train(args: argparse.Namespace) -> int:
+    from janus_potential.export import export_model
+
+    from .config import TrainConfig
+    from .evaluate import format_table
+    from .trainer import Trainer
+
+    config = TrainConfig.load(args.config, args.set)
+    trainer = Trainer(config, resume=args.resume)
+    if args.resume and trainer.step:
+        print(f"resuming from step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    summary = trainer.fit()
+    model = trainer.ema_model()
+    model.save(trainer.output / "model.ckpt", provenance=trainer.provenance())
+    export_model(model, trainer.output / "model.pt", dtype=config.run.dtype)
+    if summary:
+        print(format_table(summary))
+    print(f"wrote {trainer.output / 'checkpoint.pt'}, {trainer.output / 'model.ckpt'} and {trainer.output / 'model.pt'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+
+    summary = evaluate(args.model, args.data, progress=not args.json)
+    print(json.dumps(summary, indent=1) if args.json else format_table(summary))
+    return 0
+
+
+def add_training_commands(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (defaults for every missing key)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it exists")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="errors of a model on labelled data (per source)")
+    evaluate.add_argument("model", help="exported model.pt, model checkpoint or training checkpoint")
+    evaluate.add_argument("data", nargs="+", help="ASE-readable files with energy/forces/stress labels")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(handler=_eval)

@@ -1,0 +1,102 @@
+"""Energy/force/stress losses and error metrics.
+
+The force and stress predictions are derivatives of the energy, so the loss on them needs
+`create_graph=True`: the parameter gradient flows through the force computation (a
+second-order derivative). Missing labels are masked per frame (energy, stress) or per atom
+(forces); per-frame weights multiply every term of that frame.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict
+
+import torch
+from torch.nn import functional as F
+
+from .config import LossConfig
+from .data import Batch
+
+EV_PER_A3_TO_GPA = 160.21766208
+
+
+def penalty(error: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    if config.kind == "mse":
+        return error * error
+    if config.kind == "huber":
+        return F.huber_loss(error, torch.zeros_like(error), reduction="none", delta=config.huber_delta)
+    raise ValueError(f"unknown loss kind {config.kind!r} (use 'mse' or 'huber')")
+
+
+def predict(model, batch: Batch, create_graph: bool) -> Dict[str, torch.Tensor]:
+    return model.compute(batch.graph, compute_virial=bool(batch.has_stress.any()), create_graph=create_graph)
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp(min=1e-12)
+
+
+def loss_terms(prediction: Dict[str, torch.Tensor], batch: Batch, config: LossConfig) -> Dict[str, torch.Tensor]:
+    """Per-term losses (energy per atom, forces, stress in GPa) and their weighted sum."""
+    dtype = prediction["forces"].dtype
+    n_atoms = batch.graph.num_atoms.to(torch.float64)
+    frame_weight = batch.weight.to(dtype)
+
+    energy_error = ((prediction["energy"] - torch.nan_to_num(batch.energy)) / n_atoms).to(dtype)
+    energy_error = torch.where(batch.has_energy, energy_error, torch.zeros_like(energy_error))
+    energy = _masked_mean(penalty(energy_error, config), frame_weight * batch.has_energy)
+
+    atom_weight = frame_weight[batch.graph.batch] * batch.has_forces
+    force_error = prediction["forces"] - torch.nan_to_num(batch.forces)
+    force_error = torch.where(batch.has_forces.unsqueeze(-1), force_error, torch.zeros_like(force_error))
+    forces = _masked_mean(penalty(force_error, config).mean(dim=1), atom_weight)
+
+    terms = {"energy": energy, "forces": forces}
+    total = config.energy_weight * energy + config.forces_weight * forces
+    if "stress" in prediction:
+        stress_error = (prediction["stress"] - torch.nan_to_num(batch.stress)) * EV_PER_A3_TO_GPA
+        stress_error = torch.where(batch.has_stress.view(-1, 1, 1), stress_error, torch.zeros_like(stress_error))
+        stress = _masked_mean(penalty(stress_error, config).mean(dim=(1, 2)), frame_weight * batch.has_stress)
+        terms["stress"] = stress
+        total = total + config.stress_weight * stress
+    terms["total"] = total
+    return terms
+
+
+class ErrorMetrics:
+    """MAE and RMSE of energy per atom (eV/atom), forces (eV/A) and stress (GPa), overall and per source."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
+
+    def _add(self, source: str, key: str, errors: torch.Tensor) -> None:
+        errors = errors.detach().to(torch.float64).reshape(-1)
+        if errors.numel() == 0:
+            return
+        for name in (source, "all"):
+            entry = self.sums[name][key]
+            entry[0] += float(errors.abs().sum())
+            entry[1] += float((errors * errors).sum())
+            entry[2] += errors.numel()
+
+    def update(self, prediction: Dict[str, torch.Tensor], batch: Batch) -> None:
+        n_atoms = batch.graph.num_atoms.to(torch.float64)
+        energy_error = (prediction["energy"].detach() - batch.energy) / n_atoms
+        atom_graph = batch.graph.batch
+        for g, source in enumerate(batch.sources):
+            if batch.has_energy[g]:
+                self._add(source, "energy_per_atom", energy_error[g : g + 1])
+            atoms = (atom_graph == g) & batch.has_forces
+            if atoms.any():
+                self._add(source, "forces", prediction["forces"].detach()[atoms] - batch.forces[atoms])
+            if batch.has_stress[g] and "stress" in prediction:
+                self._add(source, "stress_gpa", (prediction["stress"].detach()[g] - batch.stress[g]) * EV_PER_A3_TO_GPA)
+
+    def summary(self) -> Dict[str, Dict[str, Dict[str, float]]]:
+        out: Dict[str, Dict[str, Dict[str, float]]] = {}
+        for source, keys in sorted(self.sums.items()):
+            out[source] = {
+                key: {"mae": s[0] / s[2], "rmse": (s[1] / s[2]) ** 0.5, "count": s[2]} for key, s in keys.items()
+            }
+        return out
