@@ -7,11 +7,14 @@ import math
 import torch
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    def factor(step: int) -> float:
+def warmup_cosine(warmup_steps: int, min_ratio: float):
+    """factor(step, progress): linear warm-up over `warmup_steps`, then cosine from 1 to
+    `min_ratio` as `progress` (the fraction of the training budget used) goes from 0 to 1."""
+
+    def factor(step: int, progress: float) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, max(0.0, progress))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

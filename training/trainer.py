@@ -2,7 +2,7 @@
 
 The step order is fixed so that a resumed run repeats the uninterrupted one bit for bit:
 batches of an epoch are a pure function of (seed, epoch); the checkpoint stores the
-position in the epoch, the optimizer/scheduler/EMA states and the RNG states.
+position in the epoch, the optimizer/EMA states, the step time spent and the RNG states.
 """
 
 from __future__ import annotations
@@ -73,9 +73,7 @@ class Trainer:
         self.total_steps = config.optim.max_steps
         if config.optim.epochs:
             self.total_steps = min(self.total_steps or math.inf, config.optim.epochs * len(self._epoch_batches(0)))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.optim.warmup_steps, self.total_steps, config.optim.min_lr_ratio)
-        )
+        self.lr_factor = warmup_cosine(config.optim.warmup_steps, config.optim.min_lr_ratio)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -138,7 +136,7 @@ class Trainer:
         return {
             "config": self.config.to_dict(), "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict(),
+            "ema": self.ema.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "elapsed": self.elapsed, "best_validation": self.best_validation, "rng": rng_state(),
             "provenance": self.provenance(),
@@ -151,7 +149,6 @@ class Trainer:
     def _restore(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.ema = ExponentialMovingAverage(self.model, self.config.optim.ema_decay)
         self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -168,6 +165,14 @@ class Trainer:
         return model
 
     # ----------------------------------------------------------------- training
+    def learning_rate(self) -> float:
+        """Warm-up then cosine over the training budget: max_steps, or max_minutes of step
+        time when that runs out first (then the schedule follows the clock)."""
+        progress = self.step / max(1, self.total_steps)
+        if self.config.run.max_minutes:
+            progress = max(progress, self.elapsed / (60 * self.config.run.max_minutes))
+        return self.config.optim.lr * self.lr_factor(self.step, progress)
+
     def train_step(self, samples: list[Sample]) -> Dict[str, float]:
         self.model.train()
         batch = collate(samples)
@@ -177,9 +182,10 @@ class Trainer:
         loss = terms["total"] + self.config.loss.balance_weight * balance
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         self.ema.update(self.model)
         out = {k: float(v.detach()) for k, v in terms.items()}
         out.update(balance=float(balance.detach()), grad_norm=float(grad_norm), atoms=int(batch.graph.num_atoms.sum()))
@@ -222,7 +228,8 @@ class Trainer:
         run = self.config.run
         summary: Dict[str, Any] = {}
         steps_this_call = 0
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not run.progress, desc="train", unit="step")
+        bar = tqdm(total=None if run.max_minutes else self.total_steps, initial=self.step,
+                   disable=not run.progress, desc="train", unit="step")
         window_atoms, window_time = 0, 0.0
         while not self._finished():
             batches = self._epoch_batches(self.epoch)
@@ -239,7 +246,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['total']:.4f}", atoms_s=f"{window_atoms / max(window_time, 1e-9):.0f}")
                 if self.step % run.log_every == 0:
-                    self._log({"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                    self._log({"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                **{f"train_{k}": v for k, v in record.items()}})
                     window_atoms, window_time = 0, 0.0

@@ -1,0 +1,121 @@
+"""Training-step benchmark: steps/s and atoms/s with an energy + forces + stress loss.
+
+For each preset: the time of the forward pass (energy), the force pass (autograd.grad of
+the energy with create_graph=True: forces and virial), and the backward pass (parameter
+gradient of the loss, a second-order derivative), the matmul FLOPs of one step counted by
+the torch profiler (with_flops: mm/addmm/bmm; FlopCounterMode cannot follow autograd.grad
+on leaf tensors), and the achieved FLOP rate against this
+machine's fp32 matrix-multiply rate measured in the same run.
+
+    python bench/train_step.py [--quick] [--presets tiny small base]
+Writes bench/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from janus_potential import JanusPotential, batch_graphs, build_graph
+from janus_potential.model import forces_from_edge_gradient, virial_from_edge_gradient
+from janus_potential.testing import random_structure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_rate(size: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def training_batch(n_structures: int, cutoff: float):
+    structures = [random_structure(["Li", "Mg", "Al", "Si", "O", "O"], 24 + 4 * (k % 5), seed=k, density=0.07)
+                  for k in range(n_structures)]
+    return batch_graphs([build_graph(s, cutoff) for s in structures])
+
+
+def one_step(model, graph, timings: dict | None = None):
+    """One training step with its three phases timed separately."""
+    t0 = time.perf_counter()
+    edge_vectors = graph.edge_vectors().requires_grad_(True)
+    atom_energy = model.atomic_energies(graph.species, graph.edge_index, edge_vectors)
+    energy = torch.zeros(graph.num_graphs, dtype=torch.float64).index_add(0, graph.batch, atom_energy.double())
+    t1 = time.perf_counter()
+    (edge_gradient,) = torch.autograd.grad(atom_energy.sum(), edge_vectors, create_graph=True)
+    forces = forces_from_edge_gradient(edge_gradient, graph.edge_index, graph.species.shape[0])
+    virial = virial_from_edge_gradient(edge_gradient, edge_vectors, graph.batch[graph.edge_index[0]], graph.num_graphs)
+    t2 = time.perf_counter()
+    loss = (energy.float() ** 2).mean() + (forces**2).mean() + (virial**2).mean() + 0.01 * model.balance_loss()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings["forward"].append(t1 - t0)
+        timings["force_pass"].append(t2 - t1)
+        timings["backward"].append(t3 - t2)
+
+
+def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float) -> dict:
+    torch.manual_seed(0)
+    model = JanusPotential.from_preset(preset)
+    graph = training_batch(n_structures, model.cutoff)
+    one_step(model, graph)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
+        one_step(model, graph)
+    flops = sum(event.flops for event in profiler.key_averages() if event.flops)
+    timings = {"forward": [], "force_pass": [], "backward": []}
+    for _ in range(steps):
+        one_step(model, graph, timings)
+    medians = {k: float(np.median(v)) for k, v in timings.items()}
+    step_time = sum(medians.values())
+    atoms = int(graph.num_atoms.sum())
+    return {
+        "preset": preset, "atoms_per_batch": atoms, "edges_per_batch": int(graph.edge_index.shape[1]),
+        "steps_per_s": 1 / step_time, "atoms_per_s": atoms / step_time,
+        **{f"{k}_s": v for k, v in medians.items()},
+        "matmul_gflop_per_step": flops / 1e9, "achieved_gflop_s": flops / step_time / 1e9,
+        "fraction_of_matmul_rate": flops / step_time / peak_rate,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--structures", type=int, default=8, help="structures per batch (24-40 atoms each)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    steps = 3 if args.quick else args.steps
+    peak = matmul_rate(seconds=1.0 if args.quick else 3.0)
+    print(f"fp32 matmul rate (1024x1024, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    rows = [bench_preset(p, args.structures, steps, peak) for p in args.presets]
+    header = (f"{'preset':>6} {'atoms':>6} {'steps/s':>8} {'atoms/s':>8} {'fwd s':>7} {'force s':>8} {'bwd s':>7} "
+              f"{'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8}")
+    print(header)
+    for r in rows:
+        print(f"{r['preset']:>6} {r['atoms_per_batch']:>6} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} "
+              f"{r['forward_s']:7.3f} {r['force_pass_s']:8.3f} {r['backward_s']:7.3f} "
+              f"{r['matmul_gflop_per_step']:7.2f} {r['achieved_gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:7.1f}%")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
+           "matmul_gflop_s": peak / 1e9, "rows": rows}
+    (RESULTS / "train_step.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS / 'train_step.json'}")
+
+
+if __name__ == "__main__":
+    main()
