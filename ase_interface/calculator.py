@@ -98,7 +98,9 @@ class JanusCalculator(Calculator):
         edge_vectors = torch.as_tensor(vectors[within], dtype=self.dtype)
         n = len(atoms)
         periodic = bool(np.all(atoms.get_pbc()))
-        with torch.enable_grad():
+        # The TorchScript profiling executor's optimised graphs keep more memory per atom and
+        # ran no faster here (docs/benchmarks.md): run the exported graph as written.
+        with torch.enable_grad(), torch.jit.optimized_execution(False):
             out = self.module(
                 neighbors["species"], edge_index, edge_vectors, torch.zeros(n, dtype=torch.long), 1,
                 True, periodic, False,

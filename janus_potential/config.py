@@ -17,7 +17,7 @@ class ModelConfig:
     """Hyper-parameters of a Janus model; every field has a default (the `small` preset)."""
 
     cutoff: float = 5.0
-    three_body_cutoff: float = 3.5
+    three_body_cutoff: float = 2.9
     num_interactions: int = 3
     features: int = 64
     num_radial: int = 8
@@ -25,6 +25,7 @@ class ModelConfig:
     angular_order: int = 3
     three_body_features: int = 16
     num_heads: int = 4
+    filter_groups: int = 16
     num_experts: int = 8
     experts_per_atom: int = 1
     expert_hidden: int = 128
@@ -65,18 +66,18 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         cutoff=4.0, three_body_cutoff=3.0, num_interactions=2, features=16, num_radial=6,
-        num_three_body_radial=3, angular_order=2, three_body_features=8, num_heads=2, num_experts=4,
+        num_three_body_radial=3, angular_order=2, three_body_features=8, num_heads=2, filter_groups=4, num_experts=4,
         experts_per_atom=1, expert_hidden=32, shared_expert_hidden=32, readout_hidden=16,
     ),
     "small": ModelConfig(),
     "base": ModelConfig(
         cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=128, num_radial=8,
-        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=8, num_experts=16,
+        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=8, filter_groups=32, num_experts=16,
         experts_per_atom=2, expert_hidden=256, shared_expert_hidden=256, readout_hidden=128,
     ),
     "1b": ModelConfig(
         cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=512, num_radial=8,
-        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=16, num_experts=128,
+        num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=16, filter_groups=64, num_experts=128,
         experts_per_atom=2, expert_hidden=2048, shared_expert_hidden=2048, readout_hidden=256,
     ),
 }

@@ -71,6 +71,7 @@ class JanusPotential(nn.Module):
             [
                 InteractionLayer(
                     config.features, config.num_radial, config.three_body_features, three_body_basis, config.num_heads,
+                    config.filter_groups,
                     config.num_experts, config.experts_per_atom, config.expert_hidden,
                     config.shared_expert_hidden, config.router_uses_features, config.logit_cap,
                 )

@@ -24,6 +24,7 @@ class InteractionLayer(nn.Module):
         three_body_features: int,
         three_body_basis: int,
         num_heads: int,
+        filter_groups: int,
         num_experts: int,
         experts_per_atom: int,
         expert_hidden: int,
@@ -32,17 +33,20 @@ class InteractionLayer(nn.Module):
         logit_cap: float,
     ) -> None:
         super().__init__()
-        if features % num_heads:
-            raise ValueError("features must be divisible by num_heads")
+        if features % filter_groups or filter_groups % num_heads:
+            raise ValueError("features must be divisible by filter_groups, and filter_groups by num_heads")
         self.features = features
         self.num_heads = num_heads
+        self.filter_groups = filter_groups
         self.logit_cap = float(logit_cap)
         # Three-body: neighbour projection and the weights of the triplet basis.
         self.three_body_neighbour = nn.Linear(features, three_body_features, bias=False)
         self.three_body_basis = nn.Linear(three_body_basis, three_body_features, bias=False)
-        # Edge filter (F channels) and edge attention logits (H heads). Separate matmuls, not
-        # one sliced output: the backward of a slice allocates and zero-fills the whole tensor.
-        self.edge_filter = nn.Linear(num_radial + three_body_features, features, bias=False)
+        # Edge filter (G channel groups) and edge attention logits (H heads). The filter acts on
+        # groups of F/G channels so that the only [E, F] tensor kept for the backward pass is the
+        # gathered neighbour value (memory per atom matters for 100k-atom MD). Separate
+        # matmuls, not one sliced output: a slice's backward zero-fills the whole tensor.
+        self.edge_filter = nn.Linear(num_radial + three_body_features, filter_groups, bias=False)
         self.edge_logit = nn.Linear(num_radial + three_body_features, num_heads, bias=False)
         # Node projections: value (F) and key (H) of neighbours, query (H) of the centre.
         self.value = nn.Linear(features, features)
@@ -85,8 +89,10 @@ class InteractionLayer(nn.Module):
         weights = torch.exp(logits) * geometry.envelope.unsqueeze(-1)
         norm = torch.ones(n_nodes, heads, dtype=h.dtype, device=h.device).index_add(0, centre, weights)
         attention = weights / norm.index_select(0, centre)
-        edge_message = (self.edge_filter(edge_input) * value).view(n_edges, heads, features // heads)
-        edge_message = (edge_message * attention.unsqueeze(-1)).view(n_edges, features)
+        groups = self.filter_groups
+        edge_weight = (self.edge_filter(edge_input).view(n_edges, heads, groups // heads) * attention.unsqueeze(-1))
+        edge_message = value.view(n_edges, groups, features // groups) * edge_weight.view(n_edges, groups, 1)
+        edge_message = edge_message.view(n_edges, features)
         message = torch.zeros_like(h).index_add(0, centre, edge_message)
 
         h = h + self.message_out(message)
