@@ -48,11 +48,20 @@ class JanusCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model: Any, skin: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, **kwargs: Any) -> None:
+        """`model`: exported file, checkpoint or JanusPotential. `skin`: neighbour-list skin
+        (A). `parallel=True`: under mpirun, split the structure over all ranks with the
+        domain (halo) backend of the trainer (`janus_potential.parallel`); every rank gets
+        the full results."""
         super().__init__(**kwargs)
         self.module, self.cutoff, self.supported_elements, self.dtype = load_model(model)
         self.skin = float(skin)
         self._neighbors: dict[str, Any] | None = None
+        self._parallel = None
+        if parallel:
+            from .parallel import ParallelJanusCalculator
+
+            self._parallel = ParallelJanusCalculator(model)
 
     # ----------------------------------------------------------------- neighbour list
     def _neighbor_list(self, atoms) -> dict[str, Any]:
@@ -82,6 +91,10 @@ class JanusCalculator(Calculator):
     # ----------------------------------------------------------------- evaluation
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
+        if self._parallel is not None:
+            self._parallel.calculate(self.atoms, properties, system_changes)
+            self.results.update(self._parallel.results)
+            return
         atoms = self.atoms
         positions = np.asarray(atoms.get_positions(), dtype=np.float64)
         if not np.isfinite(positions).all():

@@ -117,11 +117,15 @@ class JanusPotential(nn.Module):
         return self.embedding(species)
 
     @torch.jit.export
-    def interaction(self, index: int, h: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    def interaction(
+        self, index: int, h: torch.Tensor, species: torch.Tensor, geometry: Geometry, num_owned: int = -1
+    ) -> torch.Tensor:
+        """Layer `index`. Front ends with ghost atoms pass `num_owned` (owned rows first): ghost
+        rows are then left for the halo exchange instead of being updated."""
         element_embedding = self.embedding(species)
         for i, layer in enumerate(self.layers):
             if i == index:
-                h = layer(h, element_embedding, geometry)
+                h = layer(h, element_embedding, geometry, num_owned)
         return h
 
     @torch.jit.export
@@ -223,9 +227,20 @@ class JanusPotential(nn.Module):
         payload = load_checkpoint_payload(path, map_location)
         state = payload["state_dict"]
         model = cls(ModelConfig.from_dict(payload["config"])).to(state["embedding.weight"].dtype)
-        model.load_state_dict(state)
+        load_weights(model, state, path)
         model.provenance = payload.get("provenance", {})
         return model
+
+
+def load_weights(model: nn.Module, state: Dict[str, Any], path: str | os.PathLike) -> None:
+    """load_state_dict with a clear error when the checkpoint is from another model version."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise JanusInputError(
+            f"{os.fspath(path)!r} does not match this version of the Janus model ({first})"
+        ) from exc
 
 
 def load_checkpoint_payload(path: str | os.PathLike, map_location: str = "cpu") -> Dict[str, Any]:

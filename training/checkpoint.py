@@ -19,7 +19,7 @@ import torch
 
 from janus_potential.config import ModelConfig
 from janus_potential.errors import JanusInputError
-from janus_potential.model import JanusPotential, load_checkpoint_payload
+from janus_potential.model import JanusPotential, load_checkpoint_payload, load_weights
 
 TRAINING_FORMAT = "janus-training-checkpoint"
 TRAINING_VERSION = 1
@@ -66,7 +66,7 @@ def load_model_for_export(path: str | os.PathLike, use_ema: bool = True) -> Janu
         return JanusPotential.load(path)
     state = payload["ema"]["shadow"] if use_ema else payload["model"]
     model = JanusPotential(ModelConfig.from_dict(payload["model_config"])).to(state["embedding.weight"].dtype)
-    model.load_state_dict(state)
+    load_weights(model, state, path)
     model.provenance = payload.get("provenance", {})
     return model
 

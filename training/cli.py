@@ -9,15 +9,17 @@ import json
 def _train(args: argparse.Namespace) -> int:
     from janus_potential.export import export_model
 
-    from .config import TrainConfig
+    from .distributed import load_train_config, make_trainer
     from .evaluate import format_table
-    from .trainer import Trainer
 
-    config = TrainConfig.load(args.config, args.set)
-    trainer = Trainer(config, resume=args.resume)
-    if args.resume and trainer.step:
+    config = load_train_config(args.config, args.set)
+    trainer = make_trainer(config, resume=args.resume)
+    is_main = getattr(trainer, "is_main", True)
+    if args.resume and trainer.step and is_main:
         print(f"resuming from step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
     summary = trainer.fit()
+    if not is_main:
+        return 0
     model = trainer.ema_model()
     model.save(trainer.output / "model.ckpt", provenance=trainer.provenance())
     export_model(model, trainer.output / "model.pt", dtype=config.run.dtype)

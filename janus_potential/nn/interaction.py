@@ -57,7 +57,11 @@ class InteractionLayer(nn.Module):
             features, num_experts, experts_per_atom, expert_hidden, shared_hidden, router_uses_features
         )
 
-    def forward(self, h: torch.Tensor, element_embedding: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, element_embedding: torch.Tensor, geometry: Geometry, num_owned: int = -1
+    ) -> torch.Tensor:
+        """Updated node features. With `num_owned` >= 0, rows from `num_owned` on are ghosts:
+        they are returned unchanged (their halo exchange overwrites them) and skip the MoE."""
         centre = geometry.centre
         neighbour = geometry.neighbour
         n_edges = centre.shape[0]
@@ -96,4 +100,8 @@ class InteractionLayer(nn.Module):
         message = torch.zeros_like(h).index_add(0, centre, edge_message)
 
         h = h + self.message_out(message)
+        if 0 <= num_owned < h.shape[0]:
+            owned = h[:num_owned]
+            update = self.moe(self.norm(owned), element_embedding[:num_owned])
+            return torch.cat([owned + update, h[num_owned:]], dim=0)
         return h + self.moe(self.norm(h), element_embedding)

@@ -1,0 +1,178 @@
+"""MD throughput and peak memory of `pair_style janus` (LAMMPS, 1 and 2 ranks) next to ASE.
+
+For every system size and model dtype: NVE in LAMMPS (`lmp` / `mpirun -np N lmp`, no plugin
+load line) and `ase.md.verlet.VelocityVerlet` with `JanusCalculator`, both on the same
+structure (examples/lammps/make_structure.py) and the same exported model (`small` preset by
+default, random weights). One OpenMP thread per process (one core per rank). Warm-up steps are
+excluded from the timing; peak memory is the maximum resident set size of each process.
+
+    python bench/lammps_md.py --quick
+    python bench/lammps_md.py --repeats 7 9 11 --steps 10
+
+Prints a table and writes JSON (bench/results/lammps_md.json by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+ELEMENTS = ("Cu", "Ni", "Al", "Si")
+
+LAMMPS_INPUT = """units metal
+atom_style atomic
+boundary p p p
+newton on
+read_data {data}
+pair_style janus
+pair_coeff * * {model} {elements}
+velocity all create 300.0 4928459 mom yes rot yes dist gaussian
+timestep 0.001
+fix integrate all nve
+thermo {steps}
+run {warmup}
+run {steps}
+"""
+
+PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:], close_fds=False)  # keep the MPI PMI descriptor\n"
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+def structure(repeat: int):
+    sys.path.insert(0, os.path.join(ROOT, "examples", "lammps"))
+    from make_structure import alloy
+
+    return alloy(repeat)
+
+
+def run_lammps(data: str, model: str, ranks: int, steps: int, warmup: int, workdir: str) -> dict:
+    script = os.path.join(workdir, "in.bench")
+    with open(script, "w") as handle:
+        handle.write(LAMMPS_INPUT.format(data=data, model=model, elements=" ".join(ELEMENTS), steps=steps, warmup=warmup))
+    command = [sys.executable, "-c", PEAK_RSS_WRAPPER, os.path.join(BIN, "lmp"), "-in", script, "-log", "none"]
+    if ranks > 1:
+        command = [os.path.join(BIN, "mpirun"), "-np", str(ranks), *command]
+    result = subprocess.run(command, cwd=workdir, env=environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"LAMMPS failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    loops = re.findall(r"Loop time of ([0-9.eE+-]+) on (\d+) procs for (\d+) steps with (\d+) atoms", result.stdout)
+    seconds, _, nsteps, natoms = loops[-1]
+    peaks = [int(v) for v in re.findall(r"PEAK_RSS_KB (\d+)", result.stderr)]
+    return {"seconds": float(seconds), "steps": int(nsteps), "atoms": int(natoms),
+            "atom_steps_per_s": int(natoms) * int(nsteps) / float(seconds),
+            "peak_rss_mb_per_rank": max(peaks) / 1024.0}
+
+
+def ase_worker(repeat: int, model: str, steps: int, warmup: int) -> None:
+    """Runs in its own process (one thread): prints one JSON line."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    from janus_potential.ase import JanusCalculator
+
+    atoms = structure(repeat)
+    atoms.calc = JanusCalculator(model)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300.0)
+    dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    dynamics.run(warmup)
+    start = time.perf_counter()
+    dynamics.run(steps)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "steps": steps, "atoms": len(atoms),
+                      "atom_steps_per_s": len(atoms) * steps / seconds,
+                      "peak_rss_mb_per_rank": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+
+
+def run_ase(repeat: int, model: str, steps: int, warmup: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--ase-worker", str(repeat), model, str(steps), str(warmup)]
+    result = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ASE run failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--ase-worker":
+        ase_worker(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one size (1,372 atoms), few steps")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[7, 9, 11],
+                        help="fcc repeats (atoms = 4 * repeat**3): 7 -> 1372, 9 -> 2916, 11 -> 5324, 14 -> 10976")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "lammps_md.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.warmup = [7], 5, 2
+
+    import torch
+
+    from janus_potential import JanusPotential
+    from janus_potential.export import export_model
+
+    sys.path.insert(0, os.path.join(ROOT, "examples", "lammps"))
+    from make_structure import write_data
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="janus_bench_") as workdir:
+        torch.manual_seed(0)
+        model = JanusPotential.from_preset(args.preset)
+        models = {}
+        for dtype in args.dtypes:
+            models[dtype] = os.path.join(workdir, f"{args.preset}_{dtype}.pt")
+            export_model(model, models[dtype], dtype)
+        for repeat in args.repeats:
+            data = os.path.join(workdir, f"alloy_{repeat}.data")
+            write_data(structure(repeat), data, ELEMENTS)
+            for dtype in args.dtypes:
+                runs = [("ase", 1, lambda: run_ase(repeat, models[dtype], args.steps, args.warmup))]
+                runs += [("lammps", ranks, lambda ranks=ranks: run_lammps(data, models[dtype], ranks, args.steps,
+                                                                          args.warmup, workdir)) for ranks in args.ranks]
+                for path, ranks, measure in runs:
+                    row = {"path": path, "ranks": ranks, "dtype": dtype, "preset": args.preset, **measure()}
+                    rows.append(row)
+                    print(f"{row['atoms']:>7} {dtype:>8} {path:>7} x{ranks}  {row['atom_steps_per_s']:10.0f} atom-steps/s"
+                          f"  {row['peak_rss_mb_per_rank']:8.0f} MB/rank", flush=True)
+
+    print(f"\n{'atoms':>7} {'dtype':>8} {'path':>10} {'atom-steps/s':>13} {'vs ASE':>7} {'peak MB/rank':>13} {'kB/atom':>8}")
+    for row in rows:
+        ase = next(r for r in rows if r["path"] == "ase" and r["atoms"] == row["atoms"] and r["dtype"] == row["dtype"])
+        name = "ase" if row["path"] == "ase" else f"lammps x{row['ranks']}"
+        total_kb = row["peak_rss_mb_per_rank"] * 1024 * row["ranks"]
+        print(f"{row['atoms']:>7} {row['dtype']:>8} {name:>10} {row['atom_steps_per_s']:13.0f} "
+              f"{row['atom_steps_per_s'] / ase['atom_steps_per_s']:7.2f} {row['peak_rss_mb_per_rank']:13.0f} "
+              f"{total_kb / row['atoms']:8.1f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_per_rank": 1},
+                   "steps": args.steps, "warmup": args.warmup, "rows": rows}, handle, indent=1)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

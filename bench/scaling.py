@@ -1,0 +1,249 @@
+"""Scaling of data (dp), expert (ep) and domain (dd) parallelism on 1, 2 and 4 ranks.
+
+    .venv/bin/python bench/scaling.py [--ranks 1 2 4] [--steps 3]
+
+Each (kind, ranks) point runs under `mpirun -np N` (oversubscribed past the 2 cores) and
+measures one training step with energy+force loss (second derivatives) on the `small`
+preset, float32: dp splits a global batch of 8 structures x 32 atoms, ep shards the 8
+experts of every layer over the ranks for the same batch, dd splits one 512-atom periodic
+structure into slabs. Reported per step: steps/s, atoms/s, communication seconds and
+off-rank bytes per rank; plus an alpha-beta cost model per rank (latency alpha, bandwidth
+beta fitted from all_reduce timings on 2 ranks) that predicts the communication time of
+each point and extrapolates to 1,000+ ranks. Writes bench/results/scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+GLOBAL_STRUCTURES, ATOMS_PER_STRUCTURE, DOMAIN_ATOMS = 8, 32, 512
+
+
+def worker(kind: str, steps: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from janus_potential import JanusPotential
+    from janus_potential.graph import batch_graphs, build_graph
+    from janus_potential.parallel.domain import DomainModel
+    from janus_potential.parallel.expert import AllToAll, is_expert_shard, shard_experts
+    from janus_potential.parallel.mesh import ProcessMesh, init_distributed
+    from janus_potential.testing import random_structure
+    from janus_potential.training.distributed import GradientReducer, split_by_atoms
+
+    torch.set_num_threads(1)
+    _, world = init_distributed()
+    sizes = {"dp": (world, 1, 1), "ep": (1, world, 1), "dd": (1, 1, world)}[kind]
+    mesh = ProcessMesh.create(*sizes)
+    torch.manual_seed(0)
+    model = JanusPotential.from_preset("small")
+    model = shard_experts(model, mesh.ep_group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dense = [p for p in model.parameters() if not is_expert_shard(p)]
+    reducers = []
+    if world > 1:
+        reducers.append(GradientReducer(dense, mesh.dense_grad_group))
+        experts = [p for p in model.parameters() if is_expert_shard(p)]
+        if experts and mesh.dp > 1:
+            reducers.append(GradientReducer(experts, mesh.expert_grad_group))
+    if kind == "dd":
+        atoms = random_structure(["Si", "O"], DOMAIN_ATOMS, seed=0, density=0.07)
+        graph = build_graph(atoms, model.cutoff, dtype=torch.float32)
+        domain_model = DomainModel.build(model, graph, mesh.dd_group)
+        local_atoms = domain_model.domain.n_owned
+    else:
+        frames = [random_structure(["Si", "O"], ATOMS_PER_STRUCTURE, seed=k, density=0.07) for k in range(GLOBAL_STRUCTURES)]
+        graphs = [build_graph(a, model.cutoff, dtype=torch.float32) for a in frames]
+        mine = split_by_atoms(list(range(GLOBAL_STRUCTURES)), [ATOMS_PER_STRUCTURE] * GLOBAL_STRUCTURES, world)[mesh.rank]
+        graph = batch_graphs([graphs[k] for k in mine])
+        local_atoms = graph.positions.shape[0]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if kind == "dd":
+            out = domain_model(graph.positions, graph.cell[0], compute_virial=False, create_graph=True)
+            loss = (out["forces"] ** 2).sum() / (3 * DOMAIN_ATOMS) + out["energy"].float() ** 2 / DOMAIN_ATOMS ** 2 / world
+        else:
+            out = model.compute(graph, compute_virial=False, create_graph=True)
+            loss = (out["forces"] ** 2).sum() / (3 * GLOBAL_STRUCTURES * ATOMS_PER_STRUCTURE)
+            loss = loss + (out["energy"].float() ** 2).sum() / ATOMS_PER_STRUCTURE ** 2 / GLOBAL_STRUCTURES
+        loss.backward()
+        for reducer in reducers:
+            reducer.finish()
+        optimizer.step()
+
+    def counters() -> tuple[float, float]:
+        seconds = sum(r.seconds for r in reducers) + AllToAll.seconds
+        sent = sum(r.bytes * (2 * (world - 1) / world) for r in reducers) + AllToAll.bytes_sent
+        if kind == "dd":
+            seconds += domain_model.plan.seconds[0]
+            sent += domain_model.plan.bytes_sent[0]
+        return seconds, sent
+
+    step()  # warm-up
+    if world > 1:
+        dist.barrier()
+    seconds0, bytes0 = counters()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = (time.perf_counter() - start) / steps
+    seconds1, bytes1 = counters()
+    record = {"kind": kind, "ranks": world, "rank": mesh.rank, "step_s": elapsed, "local_atoms": int(local_atoms),
+              "comm_s": (seconds1 - seconds0) / steps, "comm_bytes": (bytes1 - bytes0) / steps,
+              "grad_bytes": sum(p.numel() * p.element_size() for p in dense),
+              "expert_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if is_expert_shard(p))}
+    if kind == "dd":
+        record["ghosts"] = domain_model.domain.n_local - domain_model.domain.n_owned
+    if kind == "dp" and world == 2:
+        record["alpha_beta"] = fit_alpha_beta(mesh)
+    records = [record]
+    if world > 1:
+        records = [None] * world
+        dist.all_gather_object(records, record)
+        dist.destroy_process_group()
+    return {"kind": kind, "ranks": world, "per_rank": records}
+
+
+def fit_alpha_beta(mesh) -> dict:
+    """Latency (s) and bandwidth (bytes/s) of a 2-rank all_reduce: t = alpha + bytes/beta."""
+    import torch
+    import torch.distributed as dist
+
+    points = []
+    for n in (16, 1 << 20):
+        buffer = torch.zeros(n // 4)
+        dist.all_reduce(buffer, group=mesh.dense_grad_group)
+        start = time.perf_counter()
+        for _ in range(10):
+            dist.all_reduce(buffer, group=mesh.dense_grad_group)
+        points.append((n, (time.perf_counter() - start) / 10))
+    (n0, t0), (n1, t1) = points
+    beta = (n1 - n0) / max(t1 - t0, 1e-9)
+    return {"alpha_s": max(t0 - n0 / beta, 1e-6), "beta_bytes_per_s": beta}
+
+
+def model_comm_seconds(kind: str, ranks: int, point: dict, alpha: float, beta: float) -> float:
+    """Alpha-beta model of one step's communication time per rank."""
+    if ranks == 1:
+        return 0.0
+    if kind == "dp":  # ring all-reduce of the gradient buckets
+        buckets = max(1, point["grad_bytes"] // (8 << 20) + 1)
+        return 2 * (ranks - 1) * buckets * alpha + 2 * (ranks - 1) / ranks * point["grad_bytes"] / beta
+    # ep / dd: point-to-point payload measured (or predicted) per rank, messages to each peer
+    exchanges = {"ep": 4 * 2 * 3, "dd": 4 * 2 + 2}[kind]  # see predicted_bytes
+    return exchanges * (ranks - 1) * alpha + point["comm_bytes"] / beta
+
+
+def predicted_bytes(kind: str, ranks: int, grad_bytes: float, atoms_per_rank: float, features: int = 64,
+                    layers: int = 3, cutoff: float = 5.0, density: float = 0.07, slab_area: float = 0.0) -> float:
+    """Off-rank bytes per rank per training step with an energy+force loss.
+
+    Counting the autograd passes: the forward, the create_graph force pass and the
+    loss.backward (which replays both) move every dispatched/ghost row 4 times per
+    exchange point. ep: 2 exchange points per layer (dispatch, combine), slots leave with
+    probability (P-1)/P under uniform routing. dd: L-1 exchange points, plus the reverse
+    force sum and its replay (3 floats per ghost, twice); ghosts from the geometry: slabs
+    of cross-section `slab_area` (2-4 ranks, as measured) or 3-D cubic domains (1,000+).
+    """
+    if ranks == 1:
+        return 0.0
+    if kind == "dp":
+        return 2 * (ranks - 1) / ranks * grad_bytes
+    if kind == "ep":
+        return 4 * 2 * layers * atoms_per_rank * (ranks - 1) / ranks * features * 4
+    if slab_area:
+        side = slab_area ** 0.5
+        ghosts = density * (side + 2 * cutoff) ** 2 * 2 * cutoff
+    else:
+        side = (atoms_per_rank / density) ** (1 / 3)
+        ghosts = density * ((side + 2 * cutoff) ** 3 - side ** 3)
+    return (4 * (layers - 1) * features + 2 * 3) * 4 * ghosts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--kinds", nargs="+", default=["dp", "ep", "dd"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker, args.steps)
+        if int(os.environ.get("PMI_RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    points = []
+    for kind in args.kinds:
+        for ranks in args.ranks:
+            command = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps)]
+            if ranks > 1:
+                command = [str(Path(sys.executable).parent / "mpirun"), "-np", str(ranks), *command]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if not lines:
+                raise SystemExit(f"{kind} x{ranks} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            points.append(json.loads(lines[0][7:]))
+    fit = next((r["alpha_beta"] for p in points for r in p["per_rank"] if "alpha_beta" in r),
+               {"alpha_s": 1e-4, "beta_bytes_per_s": 1e9})
+    alpha, beta = fit["alpha_s"], fit["beta_bytes_per_s"]
+    rows = []
+    for p in points:
+        per_rank = p["per_rank"]
+        step_s = max(r["step_s"] for r in per_rank)
+        atoms = sum(r["local_atoms"] for r in per_rank)
+        mean = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in ("comm_s", "comm_bytes", "local_atoms")}
+        point = dict(per_rank[0], comm_bytes=mean["comm_bytes"])
+        rows.append({
+            "kind": p["kind"], "ranks": p["ranks"], "steps_per_s": 1 / step_s, "atoms_per_s": atoms / step_s,
+            "comm_s": mean["comm_s"], "comm_bytes": mean["comm_bytes"],
+            "model_bytes": predicted_bytes(p["kind"], p["ranks"], per_rank[0]["grad_bytes"], mean["local_atoms"],
+                                           slab_area=(DOMAIN_ATOMS / 0.07) ** (2 / 3) if p["kind"] == "dd" else 0.0),
+            "model_comm_s": model_comm_seconds(p["kind"], p["ranks"], point, alpha, beta),
+        })
+    base = {r["kind"]: r["atoms_per_s"] for r in rows if r["ranks"] == 1}
+    for r in rows:
+        r["efficiency"] = r["atoms_per_s"] / (r["ranks"] * base[r["kind"]]) if r["kind"] in base else None
+    grad_bytes = points[0]["per_rank"][0]["grad_bytes"]
+    extrapolation = [
+        {"ranks": n, **{f"{k}_bytes_per_rank": predicted_bytes(k, n, grad_bytes, 256) for k in ("dp", "ep", "dd")},
+         "dp_comm_s": 2 * (n - 1) * (grad_bytes // (8 << 20) + 1) * alpha + 2 * (n - 1) / n * grad_bytes / beta,
+         "dp_comm_s_tree": 2 * np.log2(n) * (grad_bytes // (8 << 20) + 1) * alpha + 2 * grad_bytes / beta,
+         "ep_comm_s": 24 * (n - 1) * alpha + predicted_bytes("ep", n, grad_bytes, 256) / beta,
+         "dd_comm_s": 10 * min(n - 1, 26) * alpha + predicted_bytes("dd", n, grad_bytes, 256) / beta}
+        for n in (2, 4, 64, 1024, 4096)
+    ]
+    print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s (2-rank gloo all_reduce on this machine)")
+    print(f"{'kind':4} {'ranks':>5} {'steps/s':>8} {'atoms/s':>8} {'eff':>5} {'comm s':>8} {'model s':>8} "
+          f"{'MB/rank':>8} {'model MB':>8}")
+    for r in rows:
+        eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
+        print(f"{r['kind']:4} {r['ranks']:5d} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} {eff:>5} "
+              f"{r['comm_s']:8.4f} {r['model_comm_s']:8.4f} {r['comm_bytes'] / 1e6:8.3f} {r['model_bytes'] / 1e6:8.3f}")
+    print("extrapolation (256 atoms per rank; dd as 3-D cubic domains):")
+    for e in extrapolation:
+        print(f"  {e['ranks']:5d} ranks: dp {e['dp_bytes_per_rank'] / 1e6:7.2f} MB {e['dp_comm_s']:8.3f} s ring "
+              f"{e['dp_comm_s_tree']:6.3f} s tree | ep {e['ep_bytes_per_rank'] / 1e6:6.2f} MB {e['ep_comm_s']:7.3f} s "
+              f"| dd {e['dd_bytes_per_rank'] / 1e6:6.2f} MB {e['dd_comm_s']:6.3f} s")
+    out = ROOT / "bench" / "results" / "scaling.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"alpha_beta": fit, "points": points, "table": rows, "extrapolation": extrapolation},
+                              indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Expert parallelism: the experts of every MoE layer sharded over an `ep` group.
+
+Rank p of the group holds experts [p*E/P, (p+1)*E/P) of each layer; the router and the
+shared expert are replicated. Each atom-slot (atom, chosen expert) is dispatched to the
+rank holding its expert with one `all_to_all_single`, runs there in that expert's dense
+block, and comes back with the inverse all_to_all. `AllToAll` is an autograd Function
+whose backward is `AllToAll.apply` with the send and receive sizes swapped (the adjoint of
+a permutation across ranks is its inverse), so forces (first derivatives) and their
+parameter gradients (second derivatives) are exact through the dispatch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from janus_potential.nn.moe import MixtureOfExperts
+
+
+class AllToAll(torch.autograd.Function):
+    """Rows in consecutive blocks of `send_counts` go to ranks 0..P-1; blocks of
+    `recv_counts` arrive. Backward: the same Function with the counts swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send_counts: List[int], recv_counts: List[int],  # type: ignore[override]
+                group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        ctx.counts = (send_counts, recv_counts, group)
+        start = time.perf_counter()
+        out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        AllToAll.bytes_sent += (x.shape[0] - send_counts[dist.get_rank(group)]) * x[0].numel() * x.element_size() \
+            if x.shape[0] else 0
+        AllToAll.seconds += time.perf_counter() - start
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        send_counts, recv_counts, group = ctx.counts
+        return AllToAll.apply(grad, recv_counts, send_counts, group), None, None, None
+
+    bytes_sent = 0  # off-rank payload of every dispatch/combine so far
+    seconds = 0.0
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in replacement of a `MixtureOfExperts` with its experts sharded over `group`."""
+
+    def __init__(self, moe: MixtureOfExperts, group: Optional[dist.ProcessGroup]) -> None:
+        super().__init__()
+        self.group = group
+        self.group_size = dist.get_world_size(group)
+        self.group_rank = dist.get_rank(group)
+        self.num_experts = moe.num_experts
+        if self.num_experts % self.group_size:
+            raise ValueError(f"{self.num_experts} experts cannot be split evenly over {self.group_size} ranks")
+        self.local_experts = self.num_experts // self.group_size
+        self.first_expert = self.group_rank * self.local_experts
+        self.experts_per_atom = moe.experts_per_atom
+        self.router_uses_features = moe.router_uses_features
+        self.router = moe.router
+        self.shared = moe.shared
+        shard = slice(self.first_expert, self.first_expert + self.local_experts)
+        for name in ("w_in", "b_in", "w_out", "b_out"):
+            weight = nn.Parameter(getattr(moe, name).detach()[shard].clone())
+            weight.expert_shard = True
+            setattr(self, name, weight)
+        self.last_balance_loss: Optional[torch.Tensor] = None
+        self.last_expert_load: Optional[torch.Tensor] = None
+
+    route = MixtureOfExperts.route
+    _record_balance = MixtureOfExperts._record_balance
+
+    def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> torch.Tensor:
+        expert_index, gates, probabilities = self.route(x, element_embedding)
+        out = self.shared(x)
+        flat_expert = expert_index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        atom_of_slot = torch.div(order, self.experts_per_atom, rounding_mode="floor")
+        gate_of_slot = gates.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        ranks, local = self.group_size, self.local_experts
+        # counts_from[s, e]: slots rank s sends to my local expert e (integers, no autograd).
+        counts_from = torch.empty(ranks, local, dtype=counts.dtype)
+        dist.all_to_all_single(counts_from, counts.view(ranks, local).contiguous(), group=self.group)
+        send_counts = counts.view(ranks, local).sum(1).tolist()
+        recv_counts = counts_from.sum(1).tolist()
+
+        received = AllToAll.apply(x.index_select(0, atom_of_slot), send_counts, recv_counts, self.group)
+        expert_of_row = torch.arange(local).repeat(ranks).repeat_interleave(counts_from.reshape(-1))
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        grouped = received.index_select(0, by_expert)
+        pieces = []
+        for e, block in enumerate(torch.split(grouped, counts_from.sum(0).tolist())):
+            hidden = F.silu(torch.addmm(self.b_in[e], block, self.w_in[e]))
+            pieces.append(torch.addmm(self.b_out[e], hidden, self.w_out[e]))
+        computed = torch.cat(pieces, dim=0).index_select(0, torch.argsort(by_expert))
+        returned = AllToAll.apply(computed, recv_counts, send_counts, self.group)
+        out = out.index_add(0, atom_of_slot, returned * gate_of_slot)
+        self._record_balance(counts, probabilities)
+        return out
+
+
+def shard_experts(model: nn.Module, group: Optional[dist.ProcessGroup]) -> nn.Module:
+    """Replace every layer's MoE by its expert-parallel shard (in place; returns `model`)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return model
+    for layer in model.layers:
+        layer.moe = ExpertParallelMoE(layer.moe, group)
+    return model
+
+
+def is_expert_shard(parameter: torch.Tensor) -> bool:
+    return bool(getattr(parameter, "expert_shard", False))
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The unsharded state dict (expert shards all-gathered; collective over ep groups)."""
+    state = model.state_dict()
+    for index, layer in enumerate(model.layers):
+        moe = layer.moe
+        if not isinstance(moe, ExpertParallelMoE):
+            continue
+        for name in ("w_in", "b_in", "w_out", "b_out"):
+            shard = getattr(moe, name).detach().contiguous()
+            pieces = [torch.empty_like(shard) for _ in range(moe.group_size)]
+            dist.all_gather(pieces, shard, group=moe.group)
+            state[f"layers.{index}.moe.{name}"] = torch.cat(pieces)
+    return state

