@@ -52,7 +52,7 @@ def samples_of(frames, model, dtype=torch.float64):
             forces=torch.as_tensor(results.get("forces", np.full((n, 3), np.nan)), dtype=dtype),
             stress=torch.as_tensor(stress if stress is not None else np.full((3, 3), np.nan), dtype=dtype),
             has_energy="energy" in results, has_forces="forces" in results, has_stress="stress" in results,
-            weight=float(atoms.info.get("weight", 1.0)), source=atoms.info.get("source", "x"),
+            weight=float(atoms.info.get("weight", 1.0)), source=atoms.info.get("source", "x"), file="memory",
         ))
     return path_free
 

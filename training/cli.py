@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
 
-    summary = evaluate(args.model, args.data, progress=not args.json)
+    summary = evaluate(args.model, args.data, progress=not args.json, group_by=args.by)
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     return 0
 
@@ -49,4 +49,6 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("model", help="exported model.pt, model checkpoint or training checkpoint")
     evaluate.add_argument("data", nargs="+", help="ASE-readable files with energy/forces/stress labels")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--by", choices=["source", "file"], default="source",
+                          help="group errors by the frames' info['source'] (default) or by data file")
     evaluate.set_defaults(handler=_eval)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import AtomGraph, batch_graphs, build_graph
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -37,7 +37,8 @@ class Sample:
     has_forces: bool
     has_stress: bool
     weight: float
-    source: str
+    source: str  # info["source"] of the frame (the file name when absent)
+    file: str  # the data file's name without extension
 
     @property
     def num_atoms(self) -> int:
@@ -96,6 +97,7 @@ def read_samples(path: str | os.PathLike, cutoff: float, supported_elements: Ite
             has_stress="stress" in labels and bool(np.all(atoms.get_pbc())),
             weight=float(atoms.info.get("weight", 1.0)),
             source=str(atoms.info.get("source", Path(path).stem)),
+            file=Path(path).stem,
         ))
     if not any_label:
         raise JanusInputError(f"{path}: no frame has an energy, forces or stress label")
@@ -175,6 +177,7 @@ class Batch:
     has_stress: torch.Tensor  # [G] bool
     weight: torch.Tensor  # [G]
     sources: list[str]
+    files: list[str]
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -188,4 +191,5 @@ def collate(samples: Sequence[Sample]) -> Batch:
         has_stress=torch.tensor([s.has_stress for s in samples]),
         weight=torch.tensor([s.weight for s in samples]),
         sources=[s.source for s in samples],
+        files=[s.file for s in samples],
     )

@@ -37,10 +37,10 @@ def load_for_evaluation(path: str):
 
 
 def evaluate(model_path: str, data: Sequence[str], max_atoms_per_batch: int = 512, progress: bool = False,
-             cache_dir: str | None = None) -> Dict[str, Any]:
+             cache_dir: str | None = None, group_by: str = "source") -> Dict[str, Any]:
     model, cutoff, dtype = load_for_evaluation(model_path)
     samples = load_dataset(list(data), cutoff, cache_dir, dtype, progress=progress)
-    metrics = ErrorMetrics()
+    metrics = ErrorMetrics(group_by)
     for indices in atom_budget_batches([s.num_atoms for s in samples], max_atoms_per_batch, 0, 0, shuffle=False):
         batch = collate([samples[k] for k in indices])
         with torch.enable_grad():

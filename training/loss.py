@@ -65,9 +65,13 @@ def loss_terms(prediction: Dict[str, torch.Tensor], batch: Batch, config: LossCo
 
 
 class ErrorMetrics:
-    """MAE and RMSE of energy per atom (eV/atom), forces (eV/A) and stress (GPa), overall and per source."""
+    """MAE and RMSE of energy per atom (eV/atom), forces (eV/A) and stress (GPa), overall and
+    per group: the frames' `source` (group_by="source") or their data file (group_by="file")."""
 
-    def __init__(self) -> None:
+    def __init__(self, group_by: str = "source") -> None:
+        if group_by not in ("source", "file"):
+            raise ValueError("group_by must be 'source' or 'file'")
+        self.group_by = group_by
         self.sums: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
 
     def _add(self, source: str, key: str, errors: torch.Tensor) -> None:
@@ -84,7 +88,8 @@ class ErrorMetrics:
         n_atoms = batch.graph.num_atoms.to(torch.float64)
         energy_error = (prediction["energy"].detach() - batch.energy) / n_atoms
         atom_graph = batch.graph.batch
-        for g, source in enumerate(batch.sources):
+        groups = batch.sources if self.group_by == "source" else batch.files
+        for g, source in enumerate(groups):
             if batch.has_energy[g]:
                 self._add(source, "energy_per_atom", energy_error[g : g + 1])
             atoms = (atom_graph == g) & batch.has_forces

@@ -30,17 +30,30 @@ from .schedule import ExponentialMovingAverage, warmup_cosine
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def fit_reference_energies(samples: list[Sample]) -> torch.Tensor:
-    """Per-element energies by least squares of total energy on composition (float64)."""
+def fit_reference_energies(samples: list[Sample], huber_delta: float = 0.1, iterations: int = 20) -> torch.Tensor:
+    """Per-element energies: a robust least-squares fit of energy per atom on composition.
+
+    Rows are per atom (so large cells do not dominate) and reweighted as in a Huber fit
+    (iteratively reweighted least squares), so that a few very high-energy structures (high
+    pressure/temperature data) do not shift every element's reference. An exact composition
+    model is recovered exactly.
+    """
     labelled = [s for s in samples if s.has_energy]
     if not labelled:
         return torch.zeros(MAX_ATOMIC_NUMBER + 1, dtype=torch.float64)
     counts = np.zeros((len(labelled), MAX_ATOMIC_NUMBER + 1))
     for row, sample in enumerate(labelled):
         np.add.at(counts[row], sample.graph.species.numpy(), 1)
-    energies = np.array([s.energy for s in labelled])
+    n_atoms = counts.sum(axis=1, keepdims=True)
     present = counts.sum(axis=0) > 0
-    solution, *_ = np.linalg.lstsq(counts[:, present], energies, rcond=None)
+    design = counts[:, present] / n_atoms
+    target = np.array([s.energy for s in labelled]) / n_atoms[:, 0]
+    weights = np.ones(len(target))
+    for _ in range(iterations):
+        root = np.sqrt(weights)
+        solution, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
+        residual = np.abs(target - design @ solution)
+        weights = np.where(residual < huber_delta, 1.0, huber_delta / np.maximum(residual, 1e-12))
     reference = np.zeros(MAX_ATOMIC_NUMBER + 1)
     reference[present] = solution
     return torch.as_tensor(reference)
@@ -66,7 +79,7 @@ class Trainer:
         self.checkpoint_path = self.output / "checkpoint.pt"
         self.dtype = DTYPES[run.dtype]
 
-        self.model = JanusPotential.from_preset(config.model.preset, **config.model.overrides).to(self.dtype)
+        self.model = self._build_model()
         self._load_data()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
                                            weight_decay=config.optim.weight_decay)
@@ -92,6 +105,11 @@ class Trainer:
         self.tensorboard = self._tensorboard() if run.tensorboard else None
 
     # ----------------------------------------------------------------- set-up
+    def _build_model(self) -> JanusPotential:
+        """The model to train (the distributed trainer shards its experts here, before the
+        optimizer sees the parameters)."""
+        return JanusPotential.from_preset(self.config.model.preset, **self.config.model.overrides).to(self.dtype)
+
     def _load_data(self) -> None:
         data = self.config.data
         cutoff = self.model.cutoff
@@ -193,7 +211,7 @@ class Trainer:
 
     def validate(self, model: Optional[JanusPotential] = None) -> Dict[str, Any]:
         model = model or self.ema_model()
-        metrics = ErrorMetrics()
+        metrics = ErrorMetrics(group_by="file")
         batches = atom_budget_batches([s.num_atoms for s in self.validation_samples],
                                       self.config.data.max_atoms_per_batch, 0, 0, shuffle=False)
         for indices in batches:
