@@ -7,7 +7,9 @@ measures one training step with energy+force loss (second derivatives) on the `s
 preset, float32: dp splits a global batch of 8 structures x 32 atoms, ep shards the 8
 experts of every layer over the ranks for the same batch, dd splits one 512-atom periodic
 structure into slabs. Reported per step: steps/s, atoms/s, communication seconds and
-off-rank bytes per rank; plus an alpha-beta cost model per rank (latency alpha, bandwidth
+off-rank bytes per rank, and the achieved FLOP rate (matmul FLOPs of one step counted
+by the torch profiler on every rank, as in bench/train_step.py) against the fp32 matmul
+rate of the cores the ranks can use (one thread per rank, measured in the same run); plus an alpha-beta cost model per rank (latency alpha, bandwidth
 beta fitted from all_reduce timings on 2 ranks) that predicts the communication time of
 each point and extrapolates to 1,000+ ranks. Writes bench/results/scaling.json.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GLOBAL_STRUCTURES, ATOMS_PER_STRUCTURE, DOMAIN_ATOMS = 8, 32, 512
@@ -34,6 +37,7 @@ GLOBAL_STRUCTURES, ATOMS_PER_STRUCTURE, DOMAIN_ATOMS = 8, 32, 512
 def worker(kind: str, steps: int) -> dict:
     import torch
     import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
 
     from janus_potential import JanusPotential
     from janus_potential.graph import batch_graphs, build_graph
@@ -93,6 +97,9 @@ def worker(kind: str, steps: int) -> dict:
         return seconds, sent
 
     step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
+        step()
+    flops = sum(event.flops for event in profiler.key_averages() if event.flops)
     if world > 1:
         dist.barrier()
     seconds0, bytes0 = counters()
@@ -102,6 +109,7 @@ def worker(kind: str, steps: int) -> dict:
     elapsed = (time.perf_counter() - start) / steps
     seconds1, bytes1 = counters()
     record = {"kind": kind, "ranks": world, "rank": mesh.rank, "step_s": elapsed, "local_atoms": int(local_atoms),
+              "matmul_flops": flops,
               "comm_s": (seconds1 - seconds0) / steps, "comm_bytes": (bytes1 - bytes0) / steps,
               "grad_bytes": sum(p.numel() * p.element_size() for p in dense),
               "expert_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if is_expert_shard(p))}
@@ -186,6 +194,13 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    import torch
+
+    from train_step import matmul_rate
+
+    torch.set_num_threads(1)
+    core_rate = matmul_rate(seconds=2.0)  # one thread, as every rank runs
+    cores = len(os.sched_getaffinity(0))
     points = []
     for kind in args.kinds:
         for ranks in args.ranks:
@@ -213,7 +228,9 @@ def main() -> None:
             "model_bytes": predicted_bytes(p["kind"], p["ranks"], per_rank[0]["grad_bytes"], mean["local_atoms"],
                                            slab_area=(DOMAIN_ATOMS / 0.07) ** (2 / 3) if p["kind"] == "dd" else 0.0),
             "model_comm_s": model_comm_seconds(p["kind"], p["ranks"], point, alpha, beta),
+            "gflop_s": sum(r["matmul_flops"] for r in per_rank) / step_s / 1e9,
         })
+        rows[-1]["fraction_of_matmul_rate"] = rows[-1]["gflop_s"] * 1e9 / (core_rate * min(p["ranks"], cores))
     base = {r["kind"]: r["atoms_per_s"] for r in rows if r["ranks"] == 1}
     for r in rows:
         r["efficiency"] = r["atoms_per_s"] / (r["ranks"] * base[r["kind"]]) if r["kind"] in base else None
@@ -227,12 +244,15 @@ def main() -> None:
         for n in (2, 4, 64, 1024, 4096)
     ]
     print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s (2-rank gloo all_reduce on this machine)")
+    print(f"fp32 matmul rate: {core_rate / 1e9:.1f} GFLOP/s per core (1024x1024, one thread), {cores} cores; "
+          f"'% peak' = achieved / (that x min(ranks, cores))")
     print(f"{'kind':4} {'ranks':>5} {'steps/s':>8} {'atoms/s':>8} {'eff':>5} {'comm s':>8} {'model s':>8} "
-          f"{'MB/rank':>8} {'model MB':>8}")
+          f"{'MB/rank':>8} {'model MB':>8} {'GFLOP/s':>8} {'% peak':>7}")
     for r in rows:
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
         print(f"{r['kind']:4} {r['ranks']:5d} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} {eff:>5} "
-              f"{r['comm_s']:8.4f} {r['model_comm_s']:8.4f} {r['comm_bytes'] / 1e6:8.3f} {r['model_bytes'] / 1e6:8.3f}")
+              f"{r['comm_s']:8.4f} {r['model_comm_s']:8.4f} {r['comm_bytes'] / 1e6:8.3f} {r['model_bytes'] / 1e6:8.3f} "
+              f"{r['gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:6.1f}%")
     print("extrapolation (256 atoms per rank; dd as 3-D cubic domains):")
     for e in extrapolation:
         print(f"  {e['ranks']:5d} ranks: dp {e['dp_bytes_per_rank'] / 1e6:7.2f} MB {e['dp_comm_s']:8.3f} s ring "
@@ -240,8 +260,8 @@ def main() -> None:
               f"| dd {e['dd_bytes_per_rank'] / 1e6:6.2f} MB {e['dd_comm_s']:6.3f} s")
     out = ROOT / "bench" / "results" / "scaling.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"alpha_beta": fit, "points": points, "table": rows, "extrapolation": extrapolation},
-                              indent=1))
+    out.write_text(json.dumps({"alpha_beta": fit, "matmul_gflop_s_per_core": core_rate / 1e9, "cores": cores,
+                               "points": points, "table": rows, "extrapolation": extrapolation}, indent=1))
     print(f"wrote {out}")
 
 

@@ -2,8 +2,9 @@
 
 Every check compares against the one-process model on the same data (computed on every
 rank) and prints one JSON line per check from rank 0: {"check", "errors", "ok"}.
-Checks: `mesh:DP,EP,DD` (energy, forces, stress and the parameter gradient of an
-energy+force+stress loss under that layout), `naive-halo` (a halo whose backward calls the
+Checks: `mesh:DP,EP,DD` (energy, forces, stress, the parameter gradient of an
+energy+force+stress loss, and the MoE expert loads -- owned atoms only, summed over ranks --
+under that layout), `naive-halo` (a halo whose backward calls the
 collective directly: first derivatives right, second derivatives wrong -- the failure mode
 the real Functions exist to prevent), `bad-mesh` (the error message).
 """
@@ -80,8 +81,10 @@ def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> di
 
     reference_out = []
     reference_loss = 0.0
+    reference_load = torch.zeros(len(reference.layers), 4, dtype=torch.float64)
     for g, target in zip(graphs, targets):
         out = reference.compute(g, create_graph=True)
+        reference_load += torch.tensor(reference.expert_load(), dtype=torch.float64)
         reference_out.append(out)
         reference_loss = reference_loss + loss_of(out["energy"][0], out["forces"], out["stress"][0], target,
                                                   g.positions.shape[0], n_forces_total, n_structures, 1)
@@ -90,10 +93,12 @@ def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> di
     data_rank, data_ranks = mesh.dp_index * ep + mesh.ep_index, dp * ep
     errors = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
     local_loss = 0.0
+    load = torch.zeros_like(reference_load)
     for k in range(data_rank, n_structures, data_ranks):
         g, target, ref = graphs[k], targets[k], reference_out[k]
         domain_model = DomainModel.build(model, g, mesh.dd_group if mesh.world_size > 1 else None)
         out = domain_model(g.positions, g.cell[0], create_graph=True)
+        load += torch.tensor([layer.moe.last_expert_load.tolist() for layer in model.layers], dtype=torch.float64)
         owned = domain_model.domain.owned
         errors["energy"] = max(errors["energy"], relative_error(out["energy"].detach(), ref["energy"][0].detach()))
         errors["forces"] = max(errors["forces"], relative_error(out["forces"].detach(), ref["forces"][owned].detach()))
@@ -102,6 +107,9 @@ def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> di
         local_loss = local_loss + loss_of(out["energy"], out["forces"], out["stress"], force_label,
                                           g.positions.shape[0], n_forces_total, n_structures, dd)
     local_loss.backward()
+    if mesh.world_size > 1:  # expert loads of OWNED atoms summed over ranks = the one-process loads
+        dist.all_reduce(load)
+    errors["expert_load"] = float((load - reference_load).abs().max())
 
     reference_params = dict(reference.named_parameters())
     grad_error = 0.0

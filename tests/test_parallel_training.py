@@ -1,8 +1,10 @@
-"""Data-parallel training through `janus train` under mpirun equals one process.
+"""Hybrid-parallel training through `janus train` under mpirun and torchrun equals one process.
 
-dp=2 and one process on the same global batches: parameters after 3 optimizer steps agree
-to 1e-10 (float64) and 1e-5 relative (float32); a dp=2 checkpoint resumes on 1 rank and
-lands on the same parameters. The unit tests of the sampler and the config run without MPI.
+Every layout and one process on the same global batches: parameters after 3 optimizer
+steps agree to 1e-10 (float64) and 1e-5 relative (float32) -- dp=2, ep=2, dd=2, dp=2 x
+ep=2 (4 ranks) under mpirun, dp=2 under torchrun; dp=2 and ep=2 checkpoints (full,
+gathered state) resume on 1 rank and land on the same parameters. The unit tests of the
+sampler and the config run without MPI.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
 
 
-def janus_train(config: Path, ranks: int, *overrides: str) -> None:
+def janus_train(config: Path, ranks: int, *overrides: str, layout: tuple = ()) -> None:
+    """`janus train` on `ranks` processes (mpirun); `layout` = (dp, ep, dd), default (ranks, 1, 1)."""
+    dp, ep, dd = layout or (ranks, 1, 1)
     command = [str(BIN / "janus"), "train", str(config), *(f"--set={o}" for o in overrides)]
     if ranks > 1:
-        command = [str(BIN / "mpirun"), "-np", str(ranks), *command, f"--set=parallel.dp={ranks}"]
+        command = [str(BIN / "mpirun"), "-np", str(ranks), *command,
+                   f"--set=parallel.dp={dp}", f"--set=parallel.ep={ep}", f"--set=parallel.dd={dd}"]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -99,3 +104,54 @@ def test_data_parallel_training_float32(train_config, tmp_path):
     janus_train(train_config, 1, f"run.output={tmp_path / 'one'}", "run.dtype=float32")
     janus_train(train_config, 2, f"run.output={tmp_path / 'two'}", "run.dtype=float32")
     assert max_relative_difference(parameters(tmp_path / "two"), parameters(tmp_path / "one")) < 1e-5
+
+
+def final_state(output: Path) -> dict:
+    checkpoint = torch.load(output / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 3
+    return checkpoint
+
+
+def assert_same_training_state(run: Path, reference: Path) -> None:
+    """Model, EMA and AdamW moments (full, unsharded) equal the one-process run's."""
+    state, expected = final_state(run), final_state(reference)
+    assert max_relative_difference(state["model"], expected["model"]) < 1e-10
+    assert max_relative_difference(state["ema"]["shadow"], expected["ema"]["shadow"]) < 1e-10
+    moments = {f"{i}.{k}": v for i, values in state["optimizer"]["state"].items() for k, v in values.items()}
+    expected_moments = {f"{i}.{k}": v for i, values in expected["optimizer"]["state"].items() for k, v in values.items()}
+    assert moments.keys() == expected_moments.keys()
+    assert max_relative_difference(moments, expected_moments) < 1e-10
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_expert_and_domain_parallel_training_equal_one_process(train_config, tmp_path):
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
+    janus_train(train_config, 2, f"run.output={tmp_path / 'ep'}", layout=(1, 2, 1))
+    assert_same_training_state(tmp_path / "ep", tmp_path / "one")
+    janus_train(train_config, 2, f"run.output={tmp_path / 'dd'}", layout=(1, 1, 2))
+    assert_same_training_state(tmp_path / "dd", tmp_path / "one")
+    # the ep=2 checkpoint holds the full model: it resumes on one process and exports
+    janus_train(train_config, 2, f"run.output={tmp_path / 'resumed'}", "optim.max_steps=2", layout=(1, 2, 1))
+    subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",
+                    "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    assert max_relative_difference(parameters(tmp_path / "resumed"), parameters(tmp_path / "one")) < 1e-10
+    assert (tmp_path / "ep" / "model.pt").exists() and (tmp_path / "resumed" / "model.pt").exists()
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_data_times_expert_parallel_training_on_four_ranks_equals_one_process(train_config, tmp_path):
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
+    janus_train(train_config, 4, f"run.output={tmp_path / 'dp_ep'}", layout=(2, 2, 1))
+    assert_same_training_state(tmp_path / "dp_ep", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_training_equals_one_process(train_config, tmp_path):
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "janus_potential", "train",
+               str(train_config), f"--set=run.output={tmp_path / 'two'}", "--set=parallel.dp=2"]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_training_state(tmp_path / "two", tmp_path / "one")

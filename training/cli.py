@@ -18,9 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and trainer.step and is_main:
         print(f"resuming from step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
     summary = trainer.fit()
+    model = trainer.ema_model()  # on every rank: gathering sharded experts is collective
     if not is_main:
         return 0
-    model = trainer.ema_model()
     model.save(trainer.output / "model.ckpt", provenance=trainer.provenance())
     export_model(model, trainer.output / "model.pt", dtype=config.run.dtype)
     if summary:

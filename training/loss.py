@@ -98,6 +98,18 @@ class ErrorMetrics:
             if batch.has_stress[g] and "stress" in prediction:
                 self._add(source, "stress_gpa", (prediction["stress"].detach()[g] - batch.stress[g]) * EV_PER_A3_TO_GPA)
 
+    def plain_sums(self) -> Dict[str, Dict[str, list]]:
+        """The running sums as plain dicts (picklable, e.g. to gather them over ranks)."""
+        return {group: {key: list(entry) for key, entry in keys.items()} for group, keys in self.sums.items()}
+
+    def add_sums(self, sums: Dict[str, Dict[str, list]]) -> None:
+        """Add another instance's `plain_sums()` (the union of the two data sets)."""
+        for group, keys in sums.items():
+            for key, values in keys.items():
+                entry = self.sums[group][key]
+                for k, value in enumerate(values):
+                    entry[k] += value
+
     def summary(self) -> Dict[str, Dict[str, Dict[str, float]]]:
         out: Dict[str, Dict[str, Dict[str, float]]] = {}
         for source, keys in sorted(self.sums.items()):

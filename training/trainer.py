@@ -212,12 +212,19 @@ class Trainer:
     def validate(self, model: Optional[JanusPotential] = None) -> Dict[str, Any]:
         model = model or self.ema_model()
         metrics = ErrorMetrics(group_by="file")
-        batches = atom_budget_batches([s.num_atoms for s in self.validation_samples],
-                                      self.config.data.max_atoms_per_batch, 0, 0, shuffle=False)
-        for indices in batches:
+        for indices in self._validation_batches():
             batch = collate([self.validation_samples[k] for k in indices])
             metrics.update(predict(model, batch, create_graph=False), batch)
-        return metrics.summary()
+        return self._combine_metrics(metrics).summary()
+
+    def _validation_batches(self) -> list[list[int]]:
+        """The validation batches this process evaluates (all of them here)."""
+        return atom_budget_batches([s.num_atoms for s in self.validation_samples],
+                                   self.config.data.max_atoms_per_batch, 0, 0, shuffle=False)
+
+    def _combine_metrics(self, metrics: ErrorMetrics) -> ErrorMetrics:
+        """The metrics of the whole validation set from this process's share (its own here)."""
+        return metrics
 
     def _truncate_log(self) -> None:
         """Drop log records written after the checkpoint we resume from (they are redone)."""

@@ -118,16 +118,42 @@ def is_expert_shard(parameter: torch.Tensor) -> bool:
     return bool(getattr(parameter, "expert_shard", False))
 
 
-def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The unsharded state dict (expert shards all-gathered; collective over ep groups)."""
-    state = model.state_dict()
+def expert_shards(model: nn.Module) -> Dict[str, ExpertParallelMoE]:
+    """State-dict name of every expert-shard tensor -> the sharded MoE that holds it."""
+    shards: Dict[str, ExpertParallelMoE] = {}
     for index, layer in enumerate(model.layers):
-        moe = layer.moe
-        if not isinstance(moe, ExpertParallelMoE):
-            continue
-        for name in ("w_in", "b_in", "w_out", "b_out"):
-            shard = getattr(moe, name).detach().contiguous()
-            pieces = [torch.empty_like(shard) for _ in range(moe.group_size)]
-            dist.all_gather(pieces, shard, group=moe.group)
-            state[f"layers.{index}.moe.{name}"] = torch.cat(pieces)
+        if isinstance(layer.moe, ExpertParallelMoE):
+            for name in ("w_in", "b_in", "w_out", "b_out"):
+                shards[f"layers.{index}.moe.{name}"] = layer.moe
+    return shards
+
+
+def gather_shard(shard: torch.Tensor, moe: ExpertParallelMoE) -> torch.Tensor:
+    """The full [E, ...] tensor from every rank's [E/P, ...] shard (collective over the ep group)."""
+    shard = shard.detach().contiguous()
+    pieces = [torch.empty_like(shard) for _ in range(moe.group_size)]
+    dist.all_gather(pieces, shard, group=moe.group)
+    return torch.cat(pieces)
+
+
+def local_shard(full: torch.Tensor, moe: ExpertParallelMoE) -> torch.Tensor:
+    """This rank's rows [first, first + E/P) of a full [E, ...] expert tensor."""
+    return full.narrow(0, moe.first_expert, moe.local_experts).clone()
+
+
+def full_state_dict(model: nn.Module, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The unsharded version of `state` (default: the model's state dict), keyed like the
+    model's state dict: expert shards all-gathered (collective over the ep groups, in a
+    fixed order on every rank)."""
+    state = dict(model.state_dict() if state is None else state)
+    for name, moe in expert_shards(model).items():
+        state[name] = gather_shard(state[name], moe)
+    return state
+
+
+def sharded_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This rank's part of a full (unsharded) state dict, for `load_state_dict` of a sharded model."""
+    state = dict(state)
+    for name, moe in expert_shards(model).items():
+        state[name] = local_shard(state[name], moe)
     return state
