@@ -17,6 +17,7 @@ front ends call the same methods with their own halo exchange between layers.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -247,6 +248,8 @@ def load_checkpoint_payload(path: str | os.PathLike, map_location: str = "cpu") 
     """Read a checkpoint file, with a clear error when it is not one."""
     if not os.path.exists(path):
         raise JanusInputError(f"model file {os.fspath(path)!r} does not exist")
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise JanusInputError(f"{os.fspath(path)!r} is a TorchScript file, not a Janus checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
