@@ -16,6 +16,11 @@ from .geometry import Geometry
 from .moe import MixtureOfExperts
 
 
+def _expansion(groups: int, width: int) -> torch.Tensor:
+    """[groups, width] one-hot matrix sending group g to its width // groups consecutive columns."""
+    return torch.repeat_interleave(torch.eye(groups), width // groups, dim=1)
+
+
 class InteractionLayer(nn.Module):
     def __init__(
         self,
@@ -38,6 +43,11 @@ class InteractionLayer(nn.Module):
         self.features = features
         self.num_heads = num_heads
         self.filter_groups = filter_groups
+        # One-hot maps head -> its groups and group -> its channels: broadcasting by a matmul
+        # keeps every edge-wise product between same-shaped contiguous tensors (the backward
+        # of a broadcast multiply reduces over strided views and was the slowest op).
+        self.register_buffer("head_to_group", _expansion(num_heads, filter_groups), persistent=False)
+        self.register_buffer("group_to_channel", _expansion(filter_groups, features), persistent=False)
         self.logit_cap = float(logit_cap)
         # Three-body: neighbour projection and the weights of the triplet basis.
         self.three_body_neighbour = nn.Linear(features, three_body_features, bias=False)
@@ -93,10 +103,8 @@ class InteractionLayer(nn.Module):
         weights = torch.exp(logits) * geometry.envelope.unsqueeze(-1)
         norm = torch.ones(n_nodes, heads, dtype=h.dtype, device=h.device).index_add(0, centre, weights)
         attention = weights / norm.index_select(0, centre)
-        groups = self.filter_groups
-        edge_weight = (self.edge_filter(edge_input).view(n_edges, heads, groups // heads) * attention.unsqueeze(-1))
-        edge_message = value.view(n_edges, groups, features // groups) * edge_weight.view(n_edges, groups, 1)
-        edge_message = edge_message.view(n_edges, features)
+        edge_weight = self.edge_filter(edge_input) * (attention @ self.head_to_group)
+        edge_message = value * (edge_weight @ self.group_to_channel)
         message = torch.zeros_like(h).index_add(0, centre, edge_message)
 
         h = h + self.message_out(message)
