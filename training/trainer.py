@@ -59,11 +59,14 @@ def fit_reference_energies(samples: list[Sample], huber_delta: float = 0.1, iter
     return torch.as_tensor(reference)
 
 
-def force_rms(samples: list[Sample]) -> float:
+def force_scale(samples: list[Sample]) -> float:
+    """Mean absolute force component: the scale of the learned per-atom energy. The mean
+    absolute value, not the RMS, so that a few structures with forces of tens of eV/A (high
+    pressure data) do not inflate the scale for everything else."""
     forces = [s.forces for s in samples if s.has_forces]
     if not forces:
         return 1.0
-    return float(torch.cat(forces).double().pow(2).mean().sqrt().clamp(min=1e-3))
+    return float(torch.cat(forces).double().abs().mean().clamp(min=1e-3))
 
 
 class Trainer:
@@ -132,7 +135,7 @@ class Trainer:
         with torch.no_grad():
             reference = fit_reference_energies(self.train_samples)
             self.model.reference_energies.copy_(reference.to(self.dtype))
-            self.model.energy_scale.fill_(force_rms(self.train_samples))
+            self.model.energy_scale.fill_(force_scale(self.train_samples))
             if self.config.model.restrict_elements:
                 seen = torch.zeros_like(self.model.supported)
                 for sample in self.train_samples + self.validation_samples:
