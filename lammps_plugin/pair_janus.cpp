@@ -19,6 +19,7 @@
 #include "neighbor.h"
 #include "update.h"
 
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -156,6 +157,9 @@ void PairJanus::load_model(const std::string &path)
                num_interactions_, features_);
 
   module_.eval();
+  // Run the scripted graphs as written: the profiling executor's optimised graphs used more
+  // memory and were not faster (the ASE calculator does the same, docs/model.md).
+  torch::jit::setGraphExecutorOptimize(false);
   for (auto parameter : module_.parameters()) parameter.requires_grad_(false);
   model_loaded_ = true;
   model_path_ = path;
