@@ -26,7 +26,7 @@ from janus_potential.graph import build_graph  # noqa: E402
 from janus_potential.parallel import domain as domain_module  # noqa: E402
 from janus_potential.parallel.domain import DomainModel  # noqa: E402
 from janus_potential.parallel.expert import is_expert_shard, shard_experts  # noqa: E402
-from janus_potential.parallel.halo import HaloForward, HaloReverse  # noqa: E402
+from janus_potential.parallel.halo import HaloForward  # noqa: E402
 from janus_potential.parallel.mesh import MeshError, ProcessMesh  # noqa: E402
 from janus_potential.testing import random_structure  # noqa: E402
 from tests.conftest import make_model  # noqa: E402

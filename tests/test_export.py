@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 
 from janus_potential.ase import JanusCalculator

@@ -77,7 +77,6 @@ class InteractionLayer(nn.Module):
         n_edges = centre.shape[0]
         n_nodes = h.shape[0]
         heads = self.num_heads
-        features = self.features
 
         # Three-body: bond state b_ij = sum_k T(j,i,k) * W h_k over short edges i->j, i->k.
         neighbour_proj = self.three_body_neighbour(h)
