@@ -1,4 +1,10 @@
-"""The `janus` command: one small parser per subcommand (export, info, train, eval, md)."""
+"""Library subcommands of the `janus` command: `export` and `info`.
+
+The `janus` console script is the training application's (`janus_potential.training.cli`),
+which adds `train` and `eval` and lets `export` read training checkpoints; the library
+never imports the training package (DESIGN.md's arrows). `python -m janus_potential` runs
+these library commands alone.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ Handler = Callable[[argparse.Namespace], int]
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    model = load_for_export(args.checkpoint)
+    model = args.load_model(args.checkpoint)
     metadata = export_model(model, args.output, dtype=args.dtype)
     print(f"wrote {args.output}: {metadata['dtype']}, cutoff {metadata['cutoff']} A, "
           f"{metadata['num_interactions']} layers, {len(metadata['elements'])} elements, "
@@ -23,15 +29,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_export(path: str):
-    """A checkpoint written by `JanusPotential.save` or by the trainer (EMA weights)."""
+def _load_model(path: str):
     from .model import JanusPotential
 
-    try:
-        from janus_potential.training.checkpoint import load_model_for_export
-    except ImportError:  # the training package is optional at this level
-        return JanusPotential.load(path)
-    return load_model_for_export(path)
+    return JanusPotential.load(path)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -52,7 +53,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint written by training or JanusPotential.save")
     p.add_argument("-o", "--output", default="model.pt", help="output file (default: model.pt)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.set_defaults(handler=_export)
+    p.set_defaults(handler=_export, load_model=_load_model)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -61,27 +62,26 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_info)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="janus", description="Janus machine-learning interatomic potential")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_info(sub)
-    try:
-        from janus_potential.training.cli import add_training_commands
-    except ImportError:
-        pass
-    else:
-        add_training_commands(sub)
-    return parser
+    return parser, sub
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; bad input ends with a one-line error and exit status 2."""
     try:
         return int(args.handler(args) or 0)
     except JanusInputError as exc:
         print(f"janus: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, _ = build_parser()
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -254,6 +254,9 @@ def load_checkpoint_payload(path: str | os.PathLike, map_location: str = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
         raise JanusInputError(f"{os.fspath(path)!r} is not a Janus checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if isinstance(payload, dict) and payload.get("format") == "janus-training-checkpoint":
+        raise JanusInputError(f"{os.fspath(path)!r} is a training checkpoint: read it with "
+                              "janus_potential.training.checkpoint.load_model_for_export or `janus export`")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise JanusInputError(f"{os.fspath(path)!r} is not a Janus checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:

@@ -150,7 +150,7 @@ def test_data_times_expert_parallel_training_on_four_ranks_equals_one_process(tr
 @pytest.mark.slow
 def test_torchrun_data_parallel_training_equals_one_process(train_config, tmp_path):
     janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "janus_potential", "train",
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "janus_potential.training", "train",
                str(train_config), f"--set=run.output={tmp_path / 'two'}", "--set=parallel.dp=2"]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def train_command(config, *extra):
-    return [sys.executable, "-m", "janus_potential", "train", str(config), *extra]
+    return [sys.executable, "-m", "janus_potential.training", "train", str(config), *extra]
 
 
 def final_state(output):

@@ -190,7 +190,7 @@ def test_eval_reports_known_errors(tmp_path):
         atoms.calc = SinglePointCalculator(atoms, energy=e + shift * len(atoms), forces=f + 0.1, stress=s)
     data = tmp_path / "data.xyz"
     write(data, frames)
-    result = subprocess.run([sys.executable, "-m", "janus_potential", "eval", str(checkpoint), str(data), "--json"],
+    result = subprocess.run([sys.executable, "-m", "janus_potential.training", "eval", str(checkpoint), str(data), "--json"],
                             check=True, capture_output=True, text=True)
     summary = json.loads(result.stdout)
     assert summary["all"]["energy_per_atom"]["mae"] == pytest.approx(shift, abs=1e-9)

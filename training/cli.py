@@ -1,4 +1,7 @@
-"""`janus train` and `janus eval` (added to the `janus` command by janus_potential.cli)."""
+"""The `janus` command: the library's `export`/`info` plus `train` and `eval`.
+
+`export` here also reads training checkpoints (EMA weights).
+"""
 
 from __future__ import annotations
 
@@ -52,3 +55,14 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--by", choices=["source", "file"], default="source",
                           help="group errors by the frames' info['source'] (default) or by data file")
     evaluate.set_defaults(handler=_eval)
+
+
+def main(argv=None) -> int:
+    from janus_potential.cli import build_parser, run
+
+    from .checkpoint import load_model_for_export
+
+    parser, sub = build_parser()
+    sub.choices["export"].set_defaults(load_model=load_model_for_export)
+    add_training_commands(sub)
+    return run(parser.parse_args(argv))
