@@ -1,7 +1,7 @@
 """`JanusCalculator`: the ASE front end of a Janus model.
 
-Takes an exported TorchScript file (`janus export`), a training checkpoint, or a
-`JanusPotential` instance. The neighbour list is built with `cutoff + skin` and reused
+Takes an exported TorchScript file (`janus export`), a model or training checkpoint
+(EMA weights), or a `JanusPotential` instance (`janus_potential.io.load_for_inference`). The neighbour list is built with `cutoff + skin` and reused
 until an atom has moved more than half the skin (or the cell, the elements or the periodic
 flags change), so an MD step costs one model evaluation and no neighbour search; edges
 beyond the cutoff are masked out at every step. Input checks (unknown elements, NaN/inf
@@ -10,7 +10,6 @@ positions, overlapping atoms, a zero-volume periodic cell) raise `JanusInputErro
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -19,29 +18,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from janus_potential.errors import JanusInputError
-from janus_potential.export import is_exported_file, load_exported
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
-from janus_potential.model import JanusPotential
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def load_model(model: Any) -> tuple[Any, float, list[int], torch.dtype]:
-    """(callable module, cutoff, supported atomic numbers, dtype) for a path or a model."""
-    from ase.data import atomic_numbers
-
-    if isinstance(model, (str, os.PathLike)):
-        if not os.path.exists(model):
-            raise JanusInputError(f"model file {os.fspath(model)!r} does not exist")
-        if is_exported_file(model):
-            module, metadata = load_exported(model)
-            elements = [atomic_numbers[s] for s in metadata["elements"]]
-            return module, float(metadata["cutoff"]), elements, DTYPES[metadata["dtype"]]
-        model = JanusPotential.load(model)
-    if isinstance(model, JanusPotential):
-        return model, model.cutoff, model.supported_elements(), next(model.parameters()).dtype
-    raise TypeError(f"JanusCalculator needs a model file or a JanusPotential, not {type(model).__name__}")
-
+from janus_potential.io import load_for_inference
 
 class JanusCalculator(Calculator):
     """ASE calculator for energy, free_energy, forces, stress (Voigt, ASE sign) and energies."""
@@ -49,12 +27,14 @@ class JanusCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, **kwargs: Any) -> None:
-        """`model`: exported file, checkpoint or JanusPotential. `skin`: neighbour-list skin
+        """`model`: exported file, model or training checkpoint, or a JanusPotential. `skin`: neighbour-list skin
         (A). `parallel=True`: under mpirun, split the structure over all ranks with the
         domain (halo) backend of the trainer (`janus_potential.parallel`); every rank gets
         the full results."""
         super().__init__(**kwargs)
-        self.module, self.cutoff, self.supported_elements, self.dtype = load_model(model)
+        loaded = load_for_inference(model)
+        self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
+                                                                         loaded.elements, loaded.dtype)
         self.skin = float(skin)
         self._neighbors: dict[str, Any] | None = None
         self._parallel = None

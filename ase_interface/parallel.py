@@ -19,10 +19,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import build_graph
+from janus_potential.io import load_for_inference
 from janus_potential.parallel.domain import DomainModel
 from janus_potential.parallel.mesh import init_distributed
-
-from .calculator import load_model
 
 
 class ParallelJanusCalculator(Calculator):
@@ -33,7 +32,9 @@ class ParallelJanusCalculator(Calculator):
 
     def __init__(self, model: Any, group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.module, self.cutoff, self.supported_elements, self.dtype = load_model(model)
+        loaded = load_for_inference(model)
+        self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
+                                                                         loaded.elements, loaded.dtype)
         init_distributed()
         self.group = group
 

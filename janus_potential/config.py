@@ -34,6 +34,9 @@ class ModelConfig:
     readout_hidden: int = 64
     max_atomic_number: int = 100
     logit_cap: float = 5.0
+    zbl: bool = True  # ZBL short-range repulsion prior (nn/repulsion.py)
+    zbl_switch_on: float = 0.25  # ZBL fully on below this fraction of the covalent-radius sum
+    zbl_switch_off: float = 0.5  # and off above this one
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

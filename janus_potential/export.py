@@ -2,8 +2,11 @@
 
 The file holds the scripted `JanusPotential` (methods `prepare`, `embed`, `interaction`,
 `readout`, `forward`) and an extra file `metadata.json` with the format version, cutoff,
-number of interaction layers, node feature width, supported elements, dtype and training
-provenance. C++ reads the metadata through `torch::jit::load(path, device, extra_files)`;
+number of interaction layers, node feature width, supported elements, dtype, training
+provenance and `weights_sha256`, the content hash of every parameter and buffer
+(`janus_potential.integrity.module_digest`), checked by `load_exported` and by the LAMMPS
+plugin on every load. Format 2 added the ZBL prior: `prepare(species, edge_index,
+edge_vectors)` and `readout(h, species, geometry)`. C++ reads the metadata through `torch::jit::load(path, device, extra_files)`;
 Python through `load_exported`.
 """
 
@@ -18,9 +21,10 @@ import torch
 
 from .elements import number_to_symbol
 from .errors import JanusInputError
+from .integrity import scripted_digest
 from .model import JanusPotential
 
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -34,6 +38,7 @@ def export_metadata(model: JanusPotential, dtype: str, provenance: Dict[str, Any
         "features": model.features,
         "elements": [number_to_symbol(z) for z in model.supported_elements()],
         "dtype": dtype,
+        "zbl": bool(model.config.zbl),
         "config": model.config.to_dict(),
         "parameters": model.parameter_report(),
         "provenance": provenance if provenance is not None else getattr(model, "provenance", {}),
@@ -50,6 +55,7 @@ def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "f
     exported.eval()
     metadata = export_metadata(model, dtype, provenance)
     scripted = torch.jit.script(exported)
+    metadata["weights_sha256"] = scripted_digest(scripted)
     tmp = f"{os.fspath(path)}.tmp"
     # ScriptModule.save is shadowed by JanusPotential.save (the checkpoint writer): call the
     # C++ module's save directly.
@@ -65,11 +71,16 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
         raise JanusInputError(f"model file {path!r} does not exist")
     if not zipfile.is_zipfile(path):
         raise JanusInputError(f"{path!r} is not a Janus model file (not a TorchScript archive)")
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
-        if not names:
-            raise JanusInputError(f"{path!r} is not a Janus model file (no {METADATA_FILE})")
-        metadata = json.loads(archive.read(names[0]))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
+            if not names:
+                raise JanusInputError(f"{path!r} is not a Janus model file (no {METADATA_FILE})")
+            metadata = json.loads(archive.read(names[0]))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        if isinstance(exc, JanusInputError):
+            raise
+        raise JanusInputError(f"model file {path!r} is corrupt ({exc.__class__.__name__}: {exc})") from exc
     if metadata.get("format") != "janus-torchscript":
         raise JanusInputError(f"{path!r} is not a Janus model file")
     if metadata.get("format_version") != EXPORT_FORMAT_VERSION:
@@ -86,7 +97,11 @@ def load_exported(path: str | os.PathLike) -> Tuple[torch.jit.ScriptModule, Dict
     try:
         module = torch.jit.load(os.fspath(path), map_location="cpu")
     except Exception as exc:
-        raise JanusInputError(f"cannot load model file {os.fspath(path)!r}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise JanusInputError(f"cannot load model file {os.fspath(path)!r} (corrupt?): {reason}") from exc
+    if scripted_digest(module) != metadata.get("weights_sha256"):
+        raise JanusInputError(f"model file {os.fspath(path)!r} is corrupt: its weights do not match the "
+                              "SHA-256 content hash in its metadata")
     return module, metadata
 
 

@@ -3,10 +3,10 @@
 The model is one TorchScript-compatible module with small methods that every front end
 calls in the same order (DESIGN.md, one code path):
 
-    geometry = model.prepare(edge_index, edge_vectors)      # radial basis, triplets: once
+    geometry = model.prepare(species, edge_index, edge_vectors)  # basis, triplets, ZBL: once
     h = model.embed(species)
     for l in range(L): h = model.interaction(l, h, species, geometry); <halo exchange>
-    atom_energy = model.readout(h, species)
+    atom_energy = model.readout(h[:n_owned], species[:n_owned], geometry)
 
 `forward` runs that sequence on a ghost-free graph (the single-process case, periodic
 images carried by edge shifts) and returns energies, forces and the virial from ONE
@@ -17,19 +17,17 @@ front ends call the same methods with their own halo exchange between layers.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import JanusInputError
+from .integrity import save_payload
+from .io import MODEL_CHECKPOINT_FORMAT, MODEL_CHECKPOINT_VERSION
 from .nn.geometry import Geometry, GeometryBuilder
 from .nn.interaction import InteractionLayer
 
-CHECKPOINT_FORMAT = "janus-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def forces_from_edge_gradient(
@@ -65,7 +63,7 @@ class JanusPotential(nn.Module):
         self.embedding = nn.Embedding(n_species, config.features)
         self.geometry = GeometryBuilder(
             config.cutoff, config.num_radial, config.three_body_cutoff, config.num_three_body_radial,
-            config.angular_order,
+            config.angular_order, config.zbl, (config.zbl_switch_on, config.zbl_switch_off), config.max_atomic_number,
         )
         three_body_basis = (config.angular_order + 1) * config.num_three_body_radial
         self.layers = nn.ModuleList(
@@ -110,8 +108,8 @@ class JanusPotential(nn.Module):
 
     # ----------------------------------------------------------------- the layer sequence
     @torch.jit.export
-    def prepare(self, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:
-        return self.geometry(edge_index, edge_vectors)
+    def prepare(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:
+        return self.geometry(species, edge_index, edge_vectors)
 
     @torch.jit.export
     def embed(self, species: torch.Tensor) -> torch.Tensor:
@@ -130,19 +128,26 @@ class JanusPotential(nn.Module):
         return h
 
     @torch.jit.export
-    def readout(self, h: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Energies of the first `h.shape[0]` atoms (the owned ones: every edge is centred on
+        an owned atom): learned + per-element reference + the ZBL prior of their edges."""
         learned = self.readout_mlp(h).squeeze(-1) * self.energy_scale
-        return learned + self.reference_energies.index_select(0, species)
+        repulsion = torch.zeros(h.shape[0], dtype=geometry.repulsion.dtype, device=h.device)
+        repulsion = repulsion.index_add(0, geometry.centre, geometry.repulsion)
+        energy = learned + self.reference_energies.index_select(0, species) + repulsion.to(learned.dtype)
+        # species 0 marks atoms this potential does not describe (LAMMPS NULL types under
+        # pair_style hybrid): they carry no edges and no energy
+        return torch.where(species > 0, energy, torch.zeros_like(energy))
 
     @torch.jit.export
     def atomic_energies(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
         """Per-atom energies of a ghost-free graph (no halo exchange needed)."""
-        geometry = self.prepare(edge_index, edge_vectors)
+        geometry = self.prepare(species, edge_index, edge_vectors)
         element_embedding = self.embedding(species)
         h = element_embedding
         for layer in self.layers:
             h = layer(h, element_embedding, geometry)
-        return self.readout(h, species)
+        return self.readout(h, species, geometry)
 
     def forward(
         self,
@@ -211,56 +216,18 @@ class JanusPotential(nn.Module):
     @torch.jit.unused
     def save(self, path: str | os.PathLike, provenance: Optional[Dict[str, Any]] = None) -> None:
         """Write a checkpoint (config + weights) atomically."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
+        save_payload({
+            "format": MODEL_CHECKPOINT_FORMAT,
+            "version": MODEL_CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
             "state_dict": self.state_dict(),
             "provenance": provenance or {},
-        }
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        }, path)
 
     @classmethod
     @torch.jit.unused
-    def load(cls, path: str | os.PathLike, map_location: str = "cpu") -> "JanusPotential":
-        payload = load_checkpoint_payload(path, map_location)
-        state = payload["state_dict"]
-        model = cls(ModelConfig.from_dict(payload["config"])).to(state["embedding.weight"].dtype)
-        load_weights(model, state, path)
-        model.provenance = payload.get("provenance", {})
-        return model
+    def load(cls, path: str | os.PathLike, use_ema: bool = True) -> "JanusPotential":
+        """The model of a model checkpoint or a training checkpoint (`janus_potential.io`)."""
+        from .io import load_model
 
-
-def load_weights(model: nn.Module, state: Dict[str, Any], path: str | os.PathLike) -> None:
-    """load_state_dict with a clear error when the checkpoint is from another model version."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise JanusInputError(
-            f"{os.fspath(path)!r} does not match this version of the Janus model ({first})"
-        ) from exc
-
-
-def load_checkpoint_payload(path: str | os.PathLike, map_location: str = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint file, with a clear error when it is not one."""
-    if not os.path.exists(path):
-        raise JanusInputError(f"model file {os.fspath(path)!r} does not exist")
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        raise JanusInputError(f"{os.fspath(path)!r} is a TorchScript file, not a Janus checkpoint")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises many types for foreign or corrupt files
-        raise JanusInputError(f"{os.fspath(path)!r} is not a Janus checkpoint ({exc.__class__.__name__}: {exc})") from exc
-    if isinstance(payload, dict) and payload.get("format") == "janus-training-checkpoint":
-        raise JanusInputError(f"{os.fspath(path)!r} is a training checkpoint: read it with "
-                              "janus_potential.training.checkpoint.load_model_for_export or `janus export`")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise JanusInputError(f"{os.fspath(path)!r} is not a Janus checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise JanusInputError(
-            f"{os.fspath(path)!r} has checkpoint version {payload.get('version')}, this Janus reads {CHECKPOINT_VERSION}"
-        )
-    return payload
+        return load_model(path, use_ema)

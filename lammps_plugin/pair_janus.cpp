@@ -5,9 +5,15 @@
    embed -> [interaction_l -> forward halo exchange]*L -> readout sequence, and the gradient
    of the owned-atom energy runs back layer by layer with a reverse halo exchange (ghost rows
    summed into their owners, then zeroed). The ghost shell is one cutoff wide. Forces and the
-   virial come from the gradient with respect to the edge vectors (DESIGN.md). */
+   virial come from the gradient with respect to the edge vectors (DESIGN.md).
+
+   Under pair_style hybrid / hybrid/overlay, atoms of types mapped to NULL are species 0: no
+   edges touch them and the model gives them no energy. The halo width (comm_forward /
+   comm_reverse = node feature width) is known only after pair_coeff has read the model, so
+   init_style raises the hybrid's own values, which sized LAMMPS's buffers at settings time. */
 
 #include "pair_janus.h"
+#include "sha256.h"
 
 #include "atom.h"
 #include "comm.h"
@@ -31,7 +37,8 @@ using namespace LAMMPS_NS;
 
 namespace {
 
-constexpr int FORMAT_VERSION = 1;
+constexpr int FORMAT_VERSION = 2;
+constexpr double MIN_DISTANCE = 0.1;    // Angstrom: closer atoms are an error (janus_potential.graph)
 
 const char *const ELEMENTS[] = {
     "X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
@@ -72,6 +79,25 @@ template <typename T> void unpack_rows(T *data, int width, int n, const int *lis
     else
       for (int k = 0; k < width; ++k) row[k] = static_cast<T>(buf[m++]);
   }
+}
+
+// janus_potential.integrity.module_digest: for every parameter and buffer, sorted by name,
+// the name, a NUL byte and the tensor's raw bytes
+std::string module_digest(const torch::jit::Module &module)
+{
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto &item : module.named_parameters(true)) tensors.emplace_back(item.name, item.value);
+  for (const auto &item : module.named_buffers(true)) tensors.emplace_back(item.name, item.value);
+  std::sort(tensors.begin(), tensors.end(), [](const auto &a, const auto &b) { return a.first < b.first; });
+  janus::Sha256 digest;
+  const char nul = 0;
+  for (const auto &[name, value] : tensors) {
+    digest.update(name.data(), name.size());
+    digest.update(&nul, 1);
+    auto data = value.detach().to(torch::kCPU).contiguous();
+    digest.update(data.data_ptr(), data.nbytes());
+  }
+  return digest.hexdigest();
 }
 
 }    // namespace
@@ -149,6 +175,11 @@ void PairJanus::load_model(const std::string &path)
       error->all(FLERR, "Pair janus: {} has unsupported dtype {}", path, dtype);
     covered_.clear();
     for (const auto &symbol : meta.at("elements")) covered_.push_back(atomic_number(symbol.get<std::string>()));
+    if (module_digest(module_) != meta.at("weights_sha256").get<std::string>())
+      error->all(FLERR,
+                 "Pair janus: model file {} is corrupt: its weights do not match the SHA-256 content hash in its "
+                 "metadata",
+                 path);
   } catch (json::exception &e) {
     error->all(FLERR, "Pair janus: {} has invalid metadata.json: {}", path, e.what());
   }
@@ -211,6 +242,10 @@ void PairJanus::init_style()
                  "Pair janus: atom type {} is not mapped to an element (NULL in pair_coeff); map every type or use "
                  "pair_style hybrid",
                  t);
+  if (hybrid) {
+    force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+  }
   neighbor->add_request(this, NeighConst::REQ_FULL);
 }
 
@@ -271,6 +306,7 @@ void PairJanus::compute(int eflag, int vflag)
   double **x = atom->x;
   double **f = atom->f;
   int *type = atom->type;
+  tagint *tag = atom->tag;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   const int inum = list->inum;
@@ -299,7 +335,11 @@ void PairJanus::compute(int eflag, int vflag)
       const int j = jlist[jj] & NEIGHMASK;
       if (type_z_[type[j]] == 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutoff_sq) continue;
+      const double rsq = dx * dx + dy * dy + dz * dz;
+      if (rsq >= cutoff_sq) continue;
+      if (rsq < MIN_DISTANCE * MIN_DISTANCE)
+        error->one(FLERR, "Pair janus: atoms {} and {} overlap (distance {:.4g} A < {} A)", tag[i], tag[j], std::sqrt(rsq),
+                   MIN_DISTANCE);
       centres.push_back(i);
       neighbours.push_back(j);
       vectors.push_back(dx);
@@ -318,7 +358,7 @@ void PairJanus::compute(int eflag, int vflag)
   try {
     // geometry once; its differentiable tensors become leaves so that every layer's backward
     // stops there, and one final backward through prepare() gives dE/d(edge vectors)
-    auto geometry_out = module_.get_method("prepare")({edge_index, edge_vectors}).toTuple();
+    auto geometry_out = module_.get_method("prepare")({species, edge_index, edge_vectors}).toTuple();
     std::vector<c10::IValue> geometry_items;
     std::vector<torch::Tensor> geometry_outputs, geometry_leaves;
     for (const auto &item : geometry_out->elements()) {
@@ -348,10 +388,15 @@ void PairJanus::compute(int eflag, int vflag)
       exchange_forward(h);
     }
     h.requires_grad_(true);
-    atom_energy = module_.get_method("readout")({h.narrow(0, 0, nlocal), species.narrow(0, 0, nlocal)}).toTensor();
-    auto owned_energy = atom_energy.sum();
-    auto node_gradient = torch::autograd::grad({owned_energy}, {h}, {}, false, false, true)[0];
-    if (!node_gradient.defined()) node_gradient = torch::zeros_like(h);
+    atom_energy =
+        module_.get_method("readout")({h.narrow(0, 0, nlocal), species.narrow(0, 0, nlocal), geometry}).toTensor();
+    // the readout depends on the node features and, through the ZBL prior, on the geometry
+    std::vector<torch::Tensor> readout_inputs(geometry_leaves);
+    readout_inputs.push_back(h);
+    auto readout_grads = torch::autograd::grad({atom_energy.sum()}, readout_inputs, {}, false, false, true);
+    for (size_t k = 0; k < geometry_leaves.size(); ++k)
+      if (readout_grads[k].defined()) geometry_grads[k] = readout_grads[k];
+    auto node_gradient = readout_grads.back().defined() ? readout_grads.back() : torch::zeros_like(h);
 
     for (int l = num_interactions_ - 1; l >= 0; --l) {
       node_gradient = node_gradient.contiguous();

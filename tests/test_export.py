@@ -36,7 +36,7 @@ def test_metadata_contract(tiny_model, tmp_path):
     path = tmp_path / "m.pt"
     export_model(tiny_model, path, dtype="float64")
     metadata = read_metadata(path)
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2 and len(metadata["weights_sha256"]) == 64
     assert metadata["cutoff"] == tiny_model.cutoff
     assert metadata["num_interactions"] == len(tiny_model.layers)
     assert metadata["features"] == tiny_model.embedding.weight.shape[1]

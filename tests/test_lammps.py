@@ -20,9 +20,12 @@ from ase.data import atomic_masses, atomic_numbers
 
 from janus_potential import JanusPotential
 from janus_potential.ase import JanusCalculator
+from janus_potential.errors import JanusInputError
 from janus_potential.export import export_model
 from janus_potential.lammps import PLUGIN_DIR, plugin_file
 from janus_potential.testing import random_structure
+
+from .conftest import flip_tensor_bytes
 
 pytestmark = pytest.mark.lammps
 
@@ -220,12 +223,13 @@ def test_plugin_load_line(model_files, triclinic, references, tmp_path):
 # --------------------------------------------------------------------------- dynamics
 @pytest.mark.slow
 def test_nve_conserves_energy(model_files, tmp_path):
-    """1,000 steps of 1 fs on 2 ranks: drift of the total energy below 1e-5 eV/atom/ps."""
+    """1,000 steps of 0.5 fs on 2 ranks: drift of the total energy below 1e-5 eV/atom/ps. (The
+    random model pulls some atoms together until the ZBL wall stops them: steep, so 0.5 fs.)"""
     atoms = random_structure(["Cu", "Si", "Al"], 96, density=0.06, seed=5, min_distance=2.0)
     write_data(atoms, tmp_path / "nve.data")
     script = HEADER.format(data="nve.data", model=model_files["float64"], elements=" ".join(ELEMENTS)) + (
         "velocity all create 300 12345 mom yes rot no dist gaussian\n"
-        "timestep 0.001\n"
+        "timestep 0.0005\n"
         "fix integrate all nve\n"
         "thermo_style custom step time pe ke etotal\n"
         "thermo_modify format float %.17g\n"
@@ -256,8 +260,8 @@ def corrupt_file(tmp_path) -> str:
 def wrong_version_file(model_files, tmp_path) -> str:
     module = torch.jit.load(model_files["float64"])
     metadata = json.loads(open_metadata(model_files["float64"]))
-    metadata["format_version"] = 2
-    path = tmp_path / "version2.pt"
+    metadata["format_version"] = 99
+    path = tmp_path / "version99.pt"
     module._c.save(str(path), _extra_files={"metadata.json": json.dumps(metadata)})
     return str(path)
 
@@ -272,7 +276,7 @@ BAD_INPUTS = {
     "missing file": (lambda files, tmp: str(tmp / "no_such_model.pt"), "Cu O Si Al", "",
                      "cannot open model file"),
     "corrupt file": (lambda files, tmp: corrupt_file(tmp), "Cu O Si Al", "", "cannot load model file"),
-    "wrong format version": (wrong_version_file, "Cu O Si Al", "", "has format version 2, this plugin reads format version 1"),
+    "wrong format version": (wrong_version_file, "Cu O Si Al", "", "has format version 99, this plugin reads format version 2"),
     "element not covered": (lambda files, tmp: files["float64"], "Cu O Si Og", "",
                             "element Og (atom type 4) is not covered by model"),
     "not an element": (lambda files, tmp: files["float64"], "Cu O Xx Al", "", "'Xx' (atom type 3) is not an element symbol"),
@@ -307,3 +311,101 @@ def test_plugin_directory_is_the_entry_point():
     points = {ep.name: ep for ep in metadata.entry_points(group="lammps.plugins")}
     assert points["janus"].load()() == PLUGIN_DIR
     assert os.path.basename(plugin_file()).endswith("plugin.so")
+
+
+# --------------------------------------------------------------------------- pair_style hybrid
+ZBL_COEFFS = "".join(
+    f"pair_coeff {i + 1} {j + 1} zbl {atomic_numbers[a]} {atomic_numbers[b]}\n"
+    for i, a in enumerate(ELEMENTS) for j, b in enumerate(ELEMENTS) if i <= j
+)
+LJ_COEFF = "pair_coeff * 4 lj/cut 0.01 2.0\n"
+PAIR_STYLES = {
+    # hybrid/overlay: janus on every type plus ZBL on every pair
+    "overlay": ("pair_style hybrid/overlay janus zbl 1.8 2.4\npair_coeff * * janus {model} Cu O Si Al\n" + ZBL_COEFFS,
+                "pair_style zbl 1.8 2.4\n" + ZBL_COEFFS.replace(" zbl ", " ")),
+    # hybrid: janus on Cu, O, Si; lj/cut on every pair with Al
+    "subset": ("pair_style hybrid janus lj/cut 3.0\npair_coeff * * janus {model} Cu O Si NULL\n" + LJ_COEFF,
+               "pair_style lj/cut 3.0\npair_coeff * * 0.0 1.0\n" + LJ_COEFF.replace(" lj/cut ", " ")),
+}
+HYBRID_RUN = """units metal
+atom_style atomic
+boundary p p p
+newton on
+read_data {data}
+{pair}
+{computes}thermo_style custom step pe {thermo}
+thermo_modify format float %.17g
+dump forces all custom 1 forces.dump id fx fy fz
+dump_modify forces sort id format float %.17g
+run 0
+"""
+
+
+def single_point(pair: str, data: str, workdir, ranks: int, computes: str = "", thermo: str = ""):
+    """(thermo values, forces sorted by atom id) of one `run 0` with the given pair lines."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = HYBRID_RUN.format(data=data, pair=pair, computes=computes, thermo=thermo)
+    check_ran(run_lammps(script, workdir, ranks))
+    columns, rows = thermo_table((workdir / "log.lammps").read_text())
+    return dict(zip(columns, rows[0])), np.loadtxt(workdir / "forces.dump", skiprows=9)[:, 1:4]
+
+
+@pytest.fixture(scope="module")
+def janus_without_al(model_files, triclinic):
+    """ASE reference for janus on the structure without its Al atoms (the NULL type)."""
+    atoms, _ = triclinic
+    keep = np.array([s != "Al" for s in atoms.get_chemical_symbols()])
+    subset = atoms[keep]
+    subset.calc = JanusCalculator(model_files["float64"])
+    return keep, float(subset.get_potential_energy()), subset.get_forces()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("style", list(PAIR_STYLES))
+def test_pair_style_hybrid(style, ranks, model_files, triclinic, references, janus_without_al, tmp_path):
+    """hybrid/overlay = janus + the other style; janus on a subset of types (NULL for the rest)
+    = janus on the structure without those atoms; on 1, 2 and 4 ranks."""
+    _, data = triclinic
+    hybrid, other = PAIR_STYLES[style]
+    values, forces = single_point(hybrid.format(model=model_files["float64"]), data, tmp_path / "hybrid", ranks,
+                                  computes="compute janus all pair janus\n", thermo="c_janus")
+    other_values, other_forces = single_point(other, data, tmp_path / "other", ranks)
+    janus_energy, janus_forces = values["PotEng"] - other_values["PotEng"], forces - other_forces
+    if style == "overlay":
+        expected_energy, expected_forces = references["float64"]["energy"], references["float64"]["forces"]
+    else:
+        keep, expected_energy, subset_forces = janus_without_al
+        expected_forces = np.zeros_like(forces)
+        expected_forces[keep] = subset_forces
+    assert relative_error(values["c_janus"], expected_energy) < 1e-10
+    assert relative_error(janus_energy, expected_energy) < 1e-10
+    assert np.max(np.abs(janus_forces - expected_forces)) < 1e-9 * max(1.0, np.max(np.abs(forces)))
+
+
+def test_overlapping_atoms_name_their_ids(model_files, tmp_path):
+    """Two atoms closer than 0.1 A: the same rule as the ASE calculator, with LAMMPS atom IDs."""
+    atoms = random_structure(ELEMENTS, 24, density=0.05, seed=7, min_distance=2.0)
+    atoms.positions[17] = atoms.positions[4] + [0.03, 0.0, 0.04]
+    write_data(atoms, tmp_path / "overlap.data")
+    script = HEADER.format(data="overlap.data", model=model_files["float64"], elements=" ".join(ELEMENTS)) + "run 0\n"
+    result = run_lammps(script, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "ERROR" in output
+    assert ("atoms 5 and 18 overlap" in output or "atoms 18 and 5 overlap" in output), output[-2000:]
+    atoms.calc = JanusCalculator(model_files["float64"])
+    with pytest.raises(JanusInputError, match="overlap"):
+        atoms.get_potential_energy()
+
+
+def test_corrupt_model_file_is_refused(model_files, triclinic, tmp_path):
+    """Bytes flipped inside a weight tensor of model.pt: an error naming the file, in LAMMPS and ASE."""
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(open(model_files["float64"], "rb").read())
+    flip_tensor_bytes(path)
+    _, data = triclinic
+    script = HEADER.format(data=data, model=path, elements=" ".join(ELEMENTS)) + "run 0\n"
+    result = run_lammps(script, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"model file {path} is corrupt" in output, output[-2000:]
+    with pytest.raises(JanusInputError, match="is corrupt"):
+        JanusCalculator(str(path))

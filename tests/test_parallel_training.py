@@ -40,7 +40,7 @@ def janus_train(config: Path, ranks: int, *overrides: str, layout: tuple = ()) -
 
 
 def parameters(output: Path) -> dict:
-    return torch.load(output / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(output / "checkpoint.pt", weights_only=True)["model"]
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -91,8 +91,8 @@ def test_data_parallel_training_equals_one_process_and_resumes_on_other_rank_cou
     subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",
                     "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     one = parameters(tmp_path / "one")
-    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["step"] == 3
-    initial = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"] == 3
+    initial = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert initial["step"] == 3
     assert max_relative_difference(parameters(tmp_path / "two"), one) < 1e-10
     assert max_relative_difference(parameters(tmp_path / "resumed"), one) < 1e-10
@@ -107,7 +107,7 @@ def test_data_parallel_training_float32(train_config, tmp_path):
 
 
 def final_state(output: Path) -> dict:
-    checkpoint = torch.load(output / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(output / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 3
     return checkpoint
 

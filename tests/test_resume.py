@@ -22,7 +22,7 @@ def train_command(config, *extra):
 
 
 def final_state(output):
-    payload = torch.load(output / "checkpoint.pt", weights_only=False)
+    payload = torch.load(output / "checkpoint.pt", weights_only=True)
     return payload["step"], payload["model"], payload["ema"]["shadow"]
 
 
@@ -51,13 +51,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     deadline = time.time() + 120
     checkpoint = killed / "checkpoint.pt"
     while time.time() < deadline:
-        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= 9:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 9:
             break
         time.sleep(0.01)
     time.sleep(0.013)  # land somewhere inside a later step
     process.send_signal(signal.SIGKILL)
     process.wait()
-    step_at_kill = torch.load(checkpoint, weights_only=False)["step"]
+    step_at_kill = torch.load(checkpoint, weights_only=True)["step"]
     assert 9 <= step_at_kill < 30, "the run must be killed before it finished"
 
     subprocess.run(train_command(config, "--set", f"run.output={killed}", "--resume"), check=True, env=env,

@@ -1,9 +1,10 @@
 """Per-graph geometry shared by all interaction layers: built once, reused L times.
 
 `build_geometry` turns edges (centre i -> neighbour j, edge vector r_ij = x_j - x_i) into
-the radial basis, the envelope and the three-body triplet list (pairs of distinct short
-edges i->j, i->k around the same centre, with the angle basis). Only indices are
-non-differentiable; every float tensor keeps its autograd link to the edge vectors.
+the radial basis, the envelope, the three-body triplet list (pairs of distinct short
+edges i->j, i->k around the same centre, with the angle basis) and the per-edge ZBL
+repulsion energy (zeros when the prior is off). Only indices are non-differentiable; every
+float tensor keeps its autograd link to the edge vectors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .radial import BesselBasis, legendre_basis, smooth_envelope
+from .repulsion import ZBLRepulsion
 
 
 class Geometry(NamedTuple):
@@ -24,6 +26,7 @@ class Geometry(NamedTuple):
     triplet_edge: torch.Tensor
     triplet_neighbour: torch.Tensor
     triplet_basis: torch.Tensor
+    repulsion: torch.Tensor  # [E] half the ZBL pair energy, for the centre atom
 
 
 def build_triplets(centre: torch.Tensor, short: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +58,16 @@ class GeometryBuilder(nn.Module):
     """Edge geometry -> radial basis, envelope and triplets (see the module docstring)."""
 
     def __init__(self, cutoff: float, num_radial: int, three_body_cutoff: float, num_three_body_radial: int,
-                 angular_order: int) -> None:
+                 angular_order: int, zbl: bool, zbl_switch: tuple[float, float], max_atomic_number: int) -> None:
         super().__init__()
+        self.zbl = bool(zbl)
+        self.repulsion = ZBLRepulsion(max_atomic_number, zbl_switch[0], zbl_switch[1])
         self.radial_basis = BesselBasis(cutoff, num_radial)
         self.three_body_radial = BesselBasis(three_body_cutoff, num_three_body_radial)
         self.three_body_cutoff = float(three_body_cutoff)
         self.angular_order = int(angular_order)
 
-    def forward(self, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:
         centre = edge_index[0]
         neighbour = edge_index[1]
         distance = torch.linalg.norm(edge_vectors, dim=1)
@@ -79,6 +84,10 @@ class GeometryBuilder(nn.Module):
         envelope_a = smooth_envelope(dist_a / self.three_body_radial.cutoff)
         angular = legendre_basis(cosine, self.angular_order)
         triplet_basis = (angular.unsqueeze(2) * basis_b.unsqueeze(1)).flatten(1) * envelope_a.unsqueeze(-1)
+        if self.zbl:
+            repulsion = self.repulsion(species, edge_index, distance)
+        else:
+            repulsion = torch.zeros_like(distance)
         return Geometry(
             centre=centre,
             neighbour=neighbour,
@@ -87,4 +96,5 @@ class GeometryBuilder(nn.Module):
             triplet_edge=first,
             triplet_neighbour=neighbour.index_select(0, second),
             triplet_basis=triplet_basis,
+            repulsion=repulsion,
         )

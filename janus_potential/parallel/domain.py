@@ -180,13 +180,13 @@ class DomainModel:
         if not edge_vectors.requires_grad:
             edge_vectors = edge_vectors.detach().requires_grad_(True)
         species = domain.species
-        geometry = model.prepare(domain.edge_index, edge_vectors)
+        geometry = model.prepare(species, domain.edge_index, edge_vectors)
         h = model.embed(species)
         for layer in range(model.num_interactions):
             h = model.interaction(layer, h, species, geometry, domain.n_owned)
             if layer + 1 < model.num_interactions:
                 h = halo_exchange(h, plan)
-        atom_energy = model.readout(h[: domain.n_owned], species[: domain.n_owned])
+        atom_energy = model.readout(h[: domain.n_owned], species[: domain.n_owned], geometry)
         (edge_gradient,) = torch.autograd.grad([atom_energy.sum()], [edge_vectors], create_graph=create_graph,
                                                allow_unused=True)
         if edge_gradient is None:

@@ -1,0 +1,127 @@
+"""One loader for every kind of Janus file, with one set of clear errors.
+
+Three kinds of file hold a model:
+
+| kind | written by | holds |
+| --- | --- | --- |
+| exported model (`model.pt`) | `janus export`, `export_model` | TorchScript + `metadata.json` |
+| model checkpoint (`model.ckpt`) | `JanusPotential.save` | config + weights |
+| training checkpoint (`checkpoint.pt`) | `janus train` | config, weights, EMA, optimizer, ... |
+
+`load_model` gives an eager `JanusPotential` from either checkpoint (EMA weights of a
+training checkpoint by default); `load_for_inference` gives what a calculator needs from
+any of the three. Every file's content hash is checked (`janus_potential.integrity`); the
+training checkpoint's layout is read here so that the library needs nothing from the
+training application (DESIGN.md's arrows).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Union
+
+import torch
+
+from .config import ModelConfig
+from .errors import JanusInputError
+from .integrity import load_payload
+
+MODEL_CHECKPOINT_FORMAT = "janus-checkpoint"
+MODEL_CHECKPOINT_VERSION = 1
+TRAINING_CHECKPOINT_FORMAT = "janus-training-checkpoint"
+TRAINING_CHECKPOINT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def is_torchscript_file(path: PathLike) -> bool:
+    """A zip archive with TorchScript's entries (an exported model, possibly not Janus's)."""
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as archive:
+            return any(n.endswith("/constants.pkl") or n.endswith("/extra/metadata.json") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_checkpoint_payload(path: PathLike) -> Dict[str, Any]:
+    """The payload of a model or training checkpoint (hash checked, format and version known)."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise JanusInputError(f"model file {name!r} does not exist")
+    if is_torchscript_file(name):
+        raise JanusInputError(f"{name!r} is an exported model file (TorchScript), not a checkpoint; "
+                              "training and export need the checkpoint it was exported from")
+    payload = load_payload(name, "checkpoint")
+    versions = {MODEL_CHECKPOINT_FORMAT: MODEL_CHECKPOINT_VERSION, TRAINING_CHECKPOINT_FORMAT: TRAINING_CHECKPOINT_VERSION}
+    kind = payload.get("format")
+    if kind not in versions:
+        raise JanusInputError(f"{name!r} is not a Janus model or training checkpoint")
+    if payload.get("version") != versions[kind]:
+        raise JanusInputError(f"{name!r} has {kind} version {payload.get('version')}, "
+                              f"this Janus reads version {versions[kind]}")
+    return payload
+
+
+def load_weights(model: torch.nn.Module, state: Dict[str, Any], path: PathLike) -> None:
+    """load_state_dict with a clear error when the checkpoint is from another model version."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(exc)
+        raise JanusInputError(f"{os.fspath(path)!r} does not match this version of the Janus model ({first})") from exc
+
+
+def model_from_payload(payload: Dict[str, Any], path: PathLike, use_ema: bool = True):
+    """A `JanusPotential` from a checkpoint payload (EMA weights of a training checkpoint
+    unless `use_ema` is false)."""
+    from .model import JanusPotential
+
+    if payload["format"] == TRAINING_CHECKPOINT_FORMAT:
+        state = payload["ema"]["shadow"] if use_ema else payload["model"]
+        config = payload["model_config"]
+    else:
+        state, config = payload["state_dict"], payload["config"]
+    model = JanusPotential(ModelConfig.from_dict(config)).to(state["embedding.weight"].dtype)
+    load_weights(model, state, path)
+    model.provenance = payload.get("provenance", {})
+    return model
+
+
+def load_model(path: PathLike, use_ema: bool = True):
+    """An eager `JanusPotential` from a model checkpoint or a training checkpoint."""
+    return model_from_payload(read_checkpoint_payload(path), path, use_ema)
+
+
+@dataclass
+class InferenceModel:
+    """What a calculator needs: a module with the `JanusPotential.forward` signature (eager or
+    TorchScript), its cutoff, the atomic numbers it covers, and its dtype."""
+
+    module: Any
+    cutoff: float
+    elements: List[int]
+    dtype: torch.dtype
+
+
+def load_for_inference(model: Any) -> InferenceModel:
+    """From an exported file, either checkpoint kind, or a `JanusPotential` instance."""
+    from .export import load_exported
+    from .model import JanusPotential
+
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.exists(model):
+            raise JanusInputError(f"model file {os.fspath(model)!r} does not exist")
+        if is_torchscript_file(model):
+            from ase.data import atomic_numbers
+
+            module, metadata = load_exported(model)
+            return InferenceModel(module, float(metadata["cutoff"]), [atomic_numbers[s] for s in metadata["elements"]],
+                                  DTYPES[metadata["dtype"]])
+        model = load_model(model)
+    if isinstance(model, JanusPotential):
+        return InferenceModel(model.eval(), model.cutoff, model.supported_elements(), next(model.parameters()).dtype)
+    raise TypeError(f"expected a model file or a JanusPotential, not {type(model).__name__}")
