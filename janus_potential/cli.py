@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from .errors import JanusInputError
@@ -21,7 +22,12 @@ Handler = Callable[[argparse.Namespace], int]
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    model = args.load_model(args.checkpoint)
+    from .io import load_model
+
+    folder = Path(args.output).parent
+    if not folder.is_dir():
+        raise JanusInputError(f"cannot write {args.output}: folder {str(folder)!r} does not exist")
+    model = load_model(args.checkpoint)
     metadata = export_model(model, args.output, dtype=args.dtype)
     print(f"wrote {args.output}: {metadata['dtype']}, cutoff {metadata['cutoff']} A, "
           f"{metadata['num_interactions']} layers, {len(metadata['elements'])} elements, "
@@ -29,21 +35,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str):
-    from .model import JanusPotential
-
-    return JanusPotential.load(path)
-
-
 def _info(args: argparse.Namespace) -> int:
-    from .export import is_exported_file, read_metadata
-    from .model import JanusPotential
+    from .elements import number_to_symbol
+    from .export import read_metadata
+    from .io import is_torchscript_file, load_model
 
-    if is_exported_file(args.model):
+    if is_torchscript_file(args.model):
         info = read_metadata(args.model)
     else:
-        model = JanusPotential.load(args.model)
-        info = {"config": model.config.to_dict(), "parameters": model.parameter_report()}
+        model = load_model(args.model)
+        info = {"elements": [number_to_symbol(z) for z in model.supported_elements()],
+                "config": model.config.to_dict(), "parameters": model.parameter_report()}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -53,12 +55,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint written by training or JanusPotential.save")
     p.add_argument("-o", "--output", default="model.pt", help="output file (default: model.pt)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.set_defaults(handler=_export, load_model=_load_model)
+    p.set_defaults(handler=_export)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print the metadata of a model file or checkpoint")
-    p.add_argument("model")
+    p = sub.add_parser("info", help="print the elements, metadata and parameter counts of a model file or checkpoint")
+    p.add_argument("model", help="exported model.pt, model checkpoint or training checkpoint (EMA weights)")
     p.set_defaults(handler=_info)
 
 

@@ -80,7 +80,7 @@ def test_missing_and_foreign_model_files(tmp_path):
         JanusCalculator(str(tmp_path / "missing.pt"))
     foreign = tmp_path / "foreign.pt"
     foreign.write_text("not a model")
-    with pytest.raises(JanusInputError, match="not a Janus checkpoint, or it is truncated or corrupt"):
+    with pytest.raises(JanusInputError, match="not a Janus model file or checkpoint, or it is truncated or corrupt"):
         JanusCalculator(str(foreign))
     plain = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))

@@ -117,3 +117,24 @@ def test_hash_is_checked_not_just_present(tmp_path):
     torch.save(payload, path)
     with pytest.raises(JanusInputError, match="is corrupt"):
         JanusPotential.load(path)
+
+
+def test_every_front_end_reads_a_training_checkpoint(tmp_path):
+    """The calculator and `janus info` accept a training checkpoint (EMA weights), as their
+    documentation says; a truncated exported file is reported as truncated or corrupt."""
+    config = write_config(tmp_path)
+    assert janus("train", config).returncode == 0
+    checkpoint, exported = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "model.pt"
+    atoms = labelled_structures(1)[0]
+    atoms.calc = JanusCalculator(str(checkpoint))
+    energy = atoms.get_potential_energy()
+    atoms.calc = JanusCalculator(str(exported))
+    assert abs(atoms.get_potential_energy() - energy) < 1e-4 * max(1.0, abs(energy))  # float32 export
+    info = janus("info", checkpoint)
+    assert info.returncode == 0 and '"total_parameters"' in info.stdout and '"elements"' in info.stdout
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(exported.read_bytes()[:5000])
+    with pytest.raises(JanusInputError, match="truncated.pt' is not a Janus model file or checkpoint, or it is "
+                                              "truncated or corrupt"):
+        JanusCalculator(str(truncated))

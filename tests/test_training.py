@@ -198,6 +198,33 @@ def test_eval_reports_known_errors(tmp_path):
     assert summary["all"]["stress_gpa"]["mae"] == pytest.approx(0.0, abs=1e-8)
     assert set(summary) == {"all", "even", "odd"}
     assert summary["odd"]["energy_per_atom"]["count"] == 2
+    labels = np.concatenate([atoms.calc.results["forces"] for atoms in frames])
+    assert summary["all"]["forces_zero"]["mae"] == pytest.approx(np.abs(labels).mean(), abs=1e-8)  # file precision
+    table = subprocess.run([sys.executable, "-m", "janus_potential.training", "eval", str(checkpoint), str(data)],
+                           check=True, capture_output=True, text=True).stdout
+    assert "F=0 MAE" in table.splitlines()[0]
+
+
+def test_eval_refuses_elements_the_model_does_not_cover(tmp_path):
+    """The element rule of ASE and LAMMPS holds in `janus eval` too; --skip-unsupported counts."""
+    model = make_model()
+    with torch.no_grad():
+        model.supported.zero_()
+        model.supported[[3, 8]] = True  # Li and O, not Mg
+    checkpoint = tmp_path / "model.ckpt"
+    model.save(checkpoint)
+    frames = labelled_structures(4)  # Li, Mg, O
+    frames.append(frames[0][[a.symbol != "Mg" for a in frames[0]]])
+    frames[-1].calc = SinglePointCalculator(frames[-1], energy=-1.0)
+    data = tmp_path / "data.xyz"
+    write(data, frames)
+    command = [sys.executable, "-m", "janus_potential.training", "eval", str(checkpoint), str(data)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and "4 of 5 structures contain element(s) the model does not cover: Mg" in result.stderr
+    assert "covers Li, O" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(command + ["--skip-unsupported", "--json"], check=True, capture_output=True, text=True)
+    summary = json.loads(result.stdout)
+    assert summary["all"]["skipped_frames"] == 4 and summary["all"]["frames"] == 1
 
 
 def test_config_overrides_and_unknown_keys(tmp_path):

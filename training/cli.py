@@ -1,12 +1,20 @@
-"""The `janus` command: the library's `export`/`info` plus `train` and `eval`.
-
-`export` here also reads training checkpoints (EMA weights).
-"""
+"""The `janus` command: the library's `export`/`info` plus `train` and `eval`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from typing import List, Optional
+
+
+def _report_resume(trainer) -> None:
+    """Say where a `--resume` run starts: a missing checkpoint is not an error (the first
+    run of a restartable job) but must not go unnoticed (a wrong run.output)."""
+    if trainer.step:
+        print(f"resuming from step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    else:
+        print(f"no checkpoint found at {trainer.checkpoint_path}: training starts from scratch")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -18,8 +26,8 @@ def _train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.set)
     trainer = make_trainer(config, resume=args.resume)
     is_main = getattr(trainer, "is_main", True)
-    if args.resume and trainer.step and is_main:
-        print(f"resuming from step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    if args.resume and is_main:
+        _report_resume(trainer)
     summary = trainer.fit()
     model = trainer.ema_model()  # on every rank: gathering sharded experts is collective
     if not is_main:
@@ -34,9 +42,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
+    from .progress import stderr_bars
 
-    summary = evaluate(args.model, args.data, progress=not args.json, group_by=args.by)
+    summary = evaluate(args.model, args.data, progress=stderr_bars(not args.json), group_by=args.by,
+                       skip_unsupported=args.skip_unsupported)
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
+    skipped = summary.get("all", {}).get("skipped_frames", 0)
+    if skipped and not args.json:
+        print(f"skipped {skipped} structure(s) with elements the model does not cover")
     return 0
 
 
@@ -52,17 +65,21 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("model", help="exported model.pt, model checkpoint or training checkpoint")
     evaluate.add_argument("data", nargs="+", help="ASE-readable files with energy/forces/stress labels")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--skip-unsupported", action="store_true",
+                          help="leave out (and count) structures with elements the model does not cover "
+                               "(default: refuse them)")
     evaluate.add_argument("--by", choices=["source", "file"], default="source",
                           help="group errors by the frames' info['source'] (default) or by data file")
     evaluate.set_defaults(handler=_eval)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     from janus_potential.cli import build_parser, run
 
-    from .checkpoint import load_model_for_export
-
     parser, sub = build_parser()
-    sub.choices["export"].set_defaults(load_model=load_model_for_export)
     add_training_commands(sub)
     return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,33 +1,123 @@
 """Training configuration: YAML file + `--set section.key=value` overrides, defaults for all.
 
 Sections are small dataclasses (one concern each); `TrainConfig.load(path, overrides)`
-merges file values and overrides onto the defaults and rejects unknown keys by name.
+merges file values and overrides onto the defaults, rejects unknown keys by name and checks
+every value (`TrainConfig.validate`), so a mistake is one `JanusInputError` naming the file
+or key before any data is read. Data paths in a config file are relative to the file's
+folder (the file then works from any folder); paths given by `--set` are relative to the
+current folder, as on any command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from janus_potential.config import PRESETS, ModelConfig
+from janus_potential.errors import JanusInputError
+
+DATA_PATH_KEYS = ("train", "validation")  # the data section's file lists
+
+
+def _boolean(value: Any) -> bool:
+    """A bool from YAML's booleans or their usual spellings; anything else is a mistake."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _integer(value: Any) -> int:
+    """An int, also from a whole number written as a float (YAML reads `1e3` as a string)."""
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
 
 def _coerce(name: str, default: Any, value: Any) -> Any:
-    """Give `value` the type of the default (YAML reads `1e-3` as a string)."""
+    """`value` with the type of the default (YAML reads `1e-3` as a string); a value with no
+    such reading is an error naming the key."""
     try:
         if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        if isinstance(default, float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(default, int) and not isinstance(value, bool):
-            return int(value)
+            return _boolean(value)
+        if not isinstance(value, bool):
+            if isinstance(default, float):
+                return float(value)
+            if isinstance(default, int):
+                return _integer(value)
+            if isinstance(default, str) and isinstance(value, (str, int, float)):
+                return str(value)
         if isinstance(default, list) and isinstance(value, str):
             return [value]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config key {name} expects {type(default).__name__}, got {value!r}") from exc
-    return value
+        if isinstance(default, list) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if isinstance(default, dict) and isinstance(value, dict):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise JanusInputError(f"config key {name} expects {type(default).__name__}, got {value!r}")
+
+
+def _relative_to(folder: Path, paths: Any) -> Any:
+    """Relative data paths of a config file, taken from the file's folder and made absolute
+    (so that the run's config.yaml, written elsewhere, names the same files)."""
+    if isinstance(paths, list):
+        return [_relative_to(folder, path) for path in paths]
+    if isinstance(paths, str) and not os.path.isabs(paths):
+        return os.path.abspath(folder / paths)
+    return paths
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The sections of a YAML config file, with its data paths relative to its folder."""
+    if not path.is_file():
+        raise JanusInputError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise JanusInputError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if not isinstance(values, dict):
+        raise JanusInputError(f"config file {str(path)!r} must map sections to keys, got {values!r}")
+    for section, entries in values.items():
+        if entries is not None and not isinstance(entries, dict):
+            raise JanusInputError(f"config file {str(path)!r}: section {section} must map keys to values, "
+                                  f"got {entries!r}")
+    data = values.get("data") or {}
+    for key in DATA_PATH_KEYS:
+        if key in data:
+            data[key] = _relative_to(path.parent, data[key])
+    return values
+
+
+def _apply_override(values: dict[str, Any], item: str) -> None:
+    """Put one `section.key=value` (or `section.key.sub=value` for a dict key) into `values`."""
+    dotted, equals, raw = item.partition("=")
+    if not equals or "." not in dotted:
+        raise JanusInputError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise JanusInputError(f"override {item!r}: the value is not valid YAML") from exc
+    section, key = dotted.split(".", 1)
+    entries = values[section] = values.get(section) or {}
+    if "." in key:  # e.g. model.overrides.features=32
+        key, sub = key.split(".", 1)
+        nested = entries.get(key)
+        entries[key] = dict(nested, **{sub: value}) if isinstance(nested, dict) else {sub: value}
+    else:
+        entries[key] = value
 
 
 @dataclass
@@ -80,7 +170,25 @@ class RunConfig:
     checkpoint_every: int = 100
     max_minutes: float = 0.0  # 0: no time limit
     tensorboard: bool = False
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, else a plain line every `progress_every_s`
+    progress_every_s: float = 30.0
+
+
+# (requirement, test, keys): the numeric keys that must pass `test`
+RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
+    ("positive", lambda value: value > 0,
+     ("data.max_atoms_per_batch", "optim.lr", "optim.grad_clip", "loss.huber_delta", "run.log_every",
+      "run.checkpoint_every", "run.progress_every_s")),
+    ("zero or positive", lambda value: value >= 0,
+     ("data.max_structures", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps", "optim.epochs",
+      "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight", "run.threads",
+      "run.max_minutes")),
+    ("between 0 and 1", lambda value: 0 <= value <= 1,
+     ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
+)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "loss.kind": ("huber", "mse"),
+}
 
 
 @dataclass
@@ -94,35 +202,51 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def value(self, key: str) -> Any:
+        """The value of `section.key`."""
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
+
+    def validate(self) -> None:
+        """Reject values the trainer cannot use (a zero learning rate, an unknown dtype or
+        preset...) with an error naming the key, before any data is read."""
+        for requirement, test, keys in RANGES:
+            for key in keys:
+                if not test(self.value(key)):
+                    raise JanusInputError(f"config key {key} must be {requirement}, got {self.value(key)!r}")
+        for key, choices in CHOICES.items():
+            if self.value(key) not in choices:
+                raise JanusInputError(f"config key {key} must be one of {', '.join(choices)}, got {self.value(key)!r}")
+        if not (self.optim.max_steps or self.optim.epochs):
+            raise JanusInputError("config keys optim.max_steps and optim.epochs are both 0: set one of them")
+        try:
+            ModelConfig.from_preset(self.model.preset, **self.model.overrides)
+        except (TypeError, ValueError) as exc:
+            raise JanusInputError(f"config key model.overrides: {exc}") from exc
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The defaults with `values` ({section: {key: value}}) put in, checked."""
         config = cls()
+        sections = [f.name for f in dataclasses.fields(config)]
         for section, entries in (values or {}).items():
-            if not hasattr(config, section):
-                raise ValueError(f"unknown config section {section!r}")
+            if section not in sections:
+                raise JanusInputError(f"unknown config section {section!r} (sections: {', '.join(sections)})")
             target = getattr(config, section)
+            keys = [f.name for f in dataclasses.fields(target)]
             for key, value in (entries or {}).items():
-                if key not in {f.name for f in dataclasses.fields(target)}:
-                    raise ValueError(f"unknown config key {section}.{key}")
+                if key not in keys:
+                    raise JanusInputError(f"unknown config key {section}.{key} (keys of {section}: {', '.join(keys)})")
                 setattr(target, key, _coerce(f"{section}.{key}", getattr(target, key), value))
+        config.validate()
         return config
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
-        values: dict[str, Any] = {}
-        if path is not None:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+        """The config of a YAML file (or the defaults) with `section.key=value` overrides."""
+        values = _read_file(Path(path)) if path is not None else {}
         for item in overrides or []:
-            if "=" not in item or "." not in item.split("=", 1)[0]:
-                raise ValueError(f"override {item!r} must look like section.key=value")
-            dotted, raw = item.split("=", 1)
-            section, key = dotted.split(".", 1)
-            values.setdefault(section, {})
-            if "." in key:  # e.g. model.overrides.features=32
-                key, sub = key.split(".", 1)
-                values[section].setdefault(key, {})[sub] = yaml.safe_load(raw)
-            else:
-                values[section][key] = yaml.safe_load(raw)
+            _apply_override(values, item)
         return cls.from_dict(values)
 
     def dump(self, path: str | Path) -> None:

@@ -77,7 +77,11 @@ def read_samples(path: str | os.PathLike, cutoff: float, supported_elements: Ite
     path = os.fspath(path)
     if not os.path.exists(path):
         raise JanusInputError(f"data file {path!r} does not exist")
-    frames = read(path, ":")
+    try:
+        frames = read(path, ":")
+    except Exception as exc:  # ASE's readers raise many types (UnknownFileTypeError, OSError, ValueError...)
+        raise JanusInputError(f"data file {path!r} is not a structure file ASE can read: "
+                              f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     samples = []
     any_label = False
     for index, atoms in enumerate(tqdm(frames, desc=f"graphs {Path(path).name}", disable=not progress, leave=False)):

@@ -6,59 +6,83 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from janus_potential.export import DTYPES, is_exported_file, load_exported
+from janus_potential.elements import number_to_symbol
+from janus_potential.errors import JanusInputError
+from janus_potential.io import InferenceModel, load_for_inference
 
-from .checkpoint import load_model_for_export
-from .data import atom_budget_batches, collate, load_dataset
+from .data import Sample, atom_budget_batches, collate, load_dataset
 from .loss import ErrorMetrics
 
 
-class _ExportedModel:
-    """Gives an exported TorchScript module the `compute(graph)` of JanusPotential."""
-
-    def __init__(self, module) -> None:
-        self.module = module
-
-    def compute(self, graph, compute_virial: bool = True, create_graph: bool = False) -> Dict[str, torch.Tensor]:
-        result = self.module(graph.species, graph.edge_index, graph.edge_vectors(), graph.batch, graph.num_graphs,
-                             True, compute_virial, create_graph)
-        if compute_virial:
-            result["stress"] = -result["virial"] / graph.volumes().to(result["virial"].dtype).view(-1, 1, 1)
-        return result
+def predict_with(model: InferenceModel, graph, compute_virial: bool) -> Dict[str, torch.Tensor]:
+    """Energies, forces, virial and stress (ASE sign) of a batched graph with any loaded model."""
+    result = model.module(graph.species, graph.edge_index, graph.edge_vectors(), graph.batch, graph.num_graphs,
+                          True, compute_virial, False)
+    if compute_virial:
+        result["stress"] = -result["virial"] / graph.volumes().to(result["virial"].dtype).view(-1, 1, 1)
+    return result
 
 
-def load_for_evaluation(path: str):
-    """(model with .compute, cutoff, dtype) from an exported file or any checkpoint."""
-    if is_exported_file(path):
-        module, metadata = load_exported(path)
-        return _ExportedModel(module), float(metadata["cutoff"]), DTYPES[metadata["dtype"]]
-    model = load_model_for_export(path).eval()
-    return model, model.cutoff, model.embedding.weight.dtype
+def covered_samples(samples: list[Sample], elements: Sequence[int], skip: bool) -> tuple[list[Sample], int]:
+    """The samples whose elements the model covers; frames with other elements are an error
+    naming them, or skipped and counted when `skip` is true."""
+    covered = set(int(z) for z in elements)
+    kept, missing = [], set()
+    for sample in samples:
+        unknown = set(sample.graph.species.tolist()) - covered
+        if unknown:
+            missing |= unknown
+        else:
+            kept.append(sample)
+    if missing and not skip:
+        names = ", ".join(number_to_symbol(z) for z in sorted(missing))
+        raise JanusInputError(f"{len(samples) - len(kept)} of {len(samples)} structures contain element(s) the model "
+                              f"does not cover: {names} (the model covers "
+                              f"{', '.join(number_to_symbol(z) for z in sorted(covered))}); "
+                              "pass --skip-unsupported to leave them out")
+    return kept, len(samples) - len(kept)
 
 
 def evaluate(model_path: str, data: Sequence[str], max_atoms_per_batch: int = 512, progress: bool = False,
-             cache_dir: str | None = None, group_by: str = "source") -> Dict[str, Any]:
-    model, cutoff, dtype = load_for_evaluation(model_path)
-    samples = load_dataset(list(data), cutoff, cache_dir, dtype, progress=progress)
+             cache_dir: str | None = None, group_by: str = "source",
+             skip_unsupported: bool = False) -> Dict[str, Any]:
+    """Errors of the model per group; with `skip_unsupported`, frames with elements the model
+    does not cover are left out and counted under `skipped_frames` of the "all" group."""
+    model = load_for_inference(model_path)
+    samples = load_dataset(list(data), model.cutoff, cache_dir, model.dtype, progress=progress)
+    samples, skipped = covered_samples(samples, model.elements, skip_unsupported)
     metrics = ErrorMetrics(group_by)
     for indices in atom_budget_batches([s.num_atoms for s in samples], max_atoms_per_batch, 0, 0, shuffle=False):
         batch = collate([samples[k] for k in indices])
         with torch.enable_grad():
-            prediction = model.compute(batch.graph, compute_virial=bool(batch.has_stress.any()))
+            prediction = predict_with(model, batch.graph, compute_virial=bool(batch.has_stress.any()))
         metrics.update(prediction, batch)
-    return metrics.summary()
+    summary = metrics.summary()
+    if skipped:
+        summary.setdefault("all", {})["skipped_frames"] = skipped
+    return summary
+
+
+def _error_columns(errors: Dict[str, float] | None, scale: float, widths: tuple[int, int], digits: int) -> str:
+    """The MAE and RMSE columns of one quantity, `-` where the group has no such labels."""
+    if not errors:
+        return f"{'-':>{widths[0]}} {'-':>{widths[1]}}"
+    return f"{scale * errors['mae']:{widths[0]}.{digits}f} {scale * errors['rmse']:{widths[1]}.{digits}f}"
+
+
+def _mae_column(errors: Dict[str, float] | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if not errors else f"{errors['mae']:{width}.{digits}f}"
 
 
 def format_table(summary: Dict[str, Any]) -> str:
+    """Errors per group; `F=0 MAE` is the force MAE of predicting zero forces on the same
+    frames (a model must beat it)."""
     lines = [f"{'source':<28} {'E MAE meV/at':>13} {'E RMSE':>9} {'F MAE eV/A':>11} {'F RMSE':>9} "
-             f"{'S MAE GPa':>10} {'S RMSE':>9} {'frames':>7}"]
+             f"{'F=0 MAE':>8} {'S MAE GPa':>10} {'S RMSE':>9} {'frames':>7}"]
     for source, keys in summary.items():
-        e = keys.get("energy_per_atom", {})
-        f = keys.get("forces", {})
-        s = keys.get("stress_gpa", {})
         lines.append(
-            f"{source:<28} {1000 * e.get('mae', float('nan')):13.1f} {1000 * e.get('rmse', float('nan')):9.1f} "
-            f"{f.get('mae', float('nan')):11.4f} {f.get('rmse', float('nan')):9.4f} "
-            f"{s.get('mae', float('nan')):10.3f} {s.get('rmse', float('nan')):9.3f} {e.get('count', 0):7d}"
+            f"{source:<28} {_error_columns(keys.get('energy_per_atom'), 1000, (13, 9), 1)} "
+            f"{_error_columns(keys.get('forces'), 1, (11, 9), 4)} {_mae_column(keys.get('forces_zero'), 8, 4)} "
+            f"{_error_columns(keys.get('stress_gpa'), 1, (10, 9), 3)} {keys.get('frames', 0):7d}"
         )
     return "\n".join(lines)

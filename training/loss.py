@@ -9,7 +9,7 @@ second-order derivative). Missing labels are masked per frame (energy, stress) o
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 from torch.nn import functional as F
@@ -66,7 +66,10 @@ def loss_terms(prediction: Dict[str, torch.Tensor], batch: Batch, config: LossCo
 
 class ErrorMetrics:
     """MAE and RMSE of energy per atom (eV/atom), forces (eV/A) and stress (GPa), overall and
-    per group: the frames' `source` (group_by="source") or their data file (group_by="file")."""
+    per group: the frames' `source` (group_by="source") or their data file (group_by="file").
+    A quantity with no labels in a group has no entry (never an average over zero labels);
+    `frames` counts every frame of the group, labelled or not. `forces_zero` is the error of
+    predicting zero forces on the same atoms: the baseline a force error must beat."""
 
     def __init__(self, group_by: str = "source") -> None:
         if group_by not in ("source", "file"):
@@ -90,11 +93,15 @@ class ErrorMetrics:
         atom_graph = batch.graph.batch
         groups = batch.sources if self.group_by == "source" else batch.files
         for g, source in enumerate(groups):
+            for name in (source, "all"):
+                self.sums[name]["frames"][2] += 1
             if batch.has_energy[g]:
                 self._add(source, "energy_per_atom", energy_error[g : g + 1])
             atoms = (atom_graph == g) & batch.has_forces
             if atoms.any():
                 self._add(source, "forces", prediction["forces"].detach()[atoms] - batch.forces[atoms])
+                # the baseline every force error should beat: predicting zero forces
+                self._add(source, "forces_zero", batch.forces[atoms])
             if batch.has_stress[g] and "stress" in prediction:
                 self._add(source, "stress_gpa", (prediction["stress"].detach()[g] - batch.stress[g]) * EV_PER_A3_TO_GPA)
 
@@ -110,10 +117,13 @@ class ErrorMetrics:
                 for k, value in enumerate(values):
                     entry[k] += value
 
-    def summary(self) -> Dict[str, Dict[str, Dict[str, float]]]:
-        out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """{group: {quantity: {mae, rmse, count}, "frames": n}} for the labelled quantities."""
+        out: Dict[str, Dict[str, Any]] = {}
         for source, keys in sorted(self.sums.items()):
             out[source] = {
-                key: {"mae": s[0] / s[2], "rmse": (s[1] / s[2]) ** 0.5, "count": s[2]} for key, s in keys.items()
+                key: {"mae": s[0] / s[2], "rmse": (s[1] / s[2]) ** 0.5, "count": s[2]}
+                for key, s in keys.items() if key != "frames" and s[2] > 0
             }
+            out[source]["frames"] = int(keys["frames"][2])
         return out

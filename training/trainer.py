@@ -15,7 +15,6 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from janus_potential.elements import MAX_ATOMIC_NUMBER
 from janus_potential.errors import JanusInputError
@@ -25,6 +24,7 @@ from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoin
 from .config import TrainConfig
 from .data import Sample, atom_budget_batches, collate, load_dataset, split
 from .loss import ErrorMetrics, loss_terms, predict
+from .progress import TrainingProgress, stderr_bars
 from .schedule import ExponentialMovingAverage, warmup_cosine
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -71,6 +71,7 @@ def force_scale(samples: list[Sample]) -> float:
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        config.validate()
         self.config = config
         run = config.run
         if run.threads:
@@ -116,7 +117,8 @@ class Trainer:
     def _load_data(self) -> None:
         data = self.config.data
         cutoff = self.model.cutoff
-        samples = load_dataset(data.train, cutoff, data.cache_dir, self.dtype, progress=self.config.run.progress)
+        samples = load_dataset(data.train, cutoff, data.cache_dir, self.dtype,
+                               progress=stderr_bars(self.config.run.progress))
         if data.max_structures:
             samples = samples[: data.max_structures]
         if data.validation:
@@ -256,8 +258,8 @@ class Trainer:
         run = self.config.run
         summary: Dict[str, Any] = {}
         steps_this_call = 0
-        bar = tqdm(total=None if run.max_minutes else self.total_steps, initial=self.step,
-                   disable=not run.progress, desc="train", unit="step")
+        progress = TrainingProgress(run.progress, self.step, self.total_steps, 60 * run.max_minutes,
+                                    run.progress_every_s)
         window_atoms, window_time = 0, 0.0
         while not self._finished():
             batches = self._epoch_batches(self.epoch)
@@ -271,21 +273,22 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 steps_this_call += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['total']:.4f}", atoms_s=f"{window_atoms / max(window_time, 1e-9):.0f}")
+                lr = self.optimizer.param_groups[0]["lr"]
+                progress.update(self.step, self.epoch, record["total"], lr, window_atoms / max(window_time, 1e-9),
+                                self.elapsed)
                 if self.step % run.log_every == 0:
-                    self._log({"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                    self._log({"step": self.step, "epoch": self.epoch, "lr": lr,
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                **{f"train_{k}": v for k, v in record.items()}})
                     window_atoms, window_time = 0, 0.0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    bar.close()
+                    progress.close()
                     return summary
             if self.batch_in_epoch >= len(batches):
                 summary = self._end_epoch()
-        bar.close()
+        progress.close()
         if self._last_validation_step != self.step:
             summary = self._end_epoch(final=True)
         return summary
