@@ -15,7 +15,7 @@ export MALLOC_TRIM_THRESHOLD_ := 10000000000
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[all,test]"
 	touch $@
 
 plugin: $(BIN)/.installed

@@ -20,6 +20,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
 from janus_potential.io import load_for_inference
+from janus_potential.model import edge_vectors, evaluate
 
 class JanusCalculator(Calculator):
     """ASE calculator for energy, free_energy, forces, stress (Voigt, ASE sign) and energies."""
@@ -63,7 +64,8 @@ class JanusCalculator(Calculator):
         i, j, shifts, _ = neighbor_pairs(positions, cell, pbc, self.cutoff + self.skin)
         self._neighbors = {
             "numbers": numbers.copy(), "pbc": pbc.copy(), "cell": cell.copy(), "positions": positions.copy(),
-            "i": i, "j": j, "offsets": shifts.astype(np.float64) @ cell,
+            "edge_index": torch.as_tensor(np.stack([i, j])),
+            "offsets": torch.as_tensor(shifts.astype(np.float64) @ cell),
             "species": torch.as_tensor(numbers, dtype=torch.long),
         }
         return self._neighbors
@@ -81,28 +83,27 @@ class JanusCalculator(Calculator):
             bad = np.nonzero(~np.isfinite(positions).all(axis=1))[0]
             raise JanusInputError(f"positions contain NaN or infinite values (atoms {bad[:10].tolist()})")
         neighbors = self._neighbor_list(atoms)
-        i, j = neighbors["i"], neighbors["j"]
-        vectors = positions[j] - positions[i] + neighbors["offsets"]
-        distances = np.linalg.norm(vectors, axis=1)
+        positions_t = torch.as_tensor(positions)
+        pairs = neighbors["edge_index"]
+        vectors = edge_vectors(positions_t, pairs, neighbors["offsets"])
+        distances = torch.linalg.norm(vectors, dim=1)
         within = distances < self.cutoff
-        if distances.size and distances.min() < MIN_DISTANCE:
-            check_overlaps(i, j, distances)
-        edge_index = torch.as_tensor(np.stack([i[within], j[within]]))
-        edge_vectors = torch.as_tensor(vectors[within], dtype=self.dtype)
+        if distances.numel() and float(distances.min()) < MIN_DISTANCE:
+            check_overlaps(pairs[0].numpy(), pairs[1].numpy(), distances.numpy())
+        edge_index = pairs[:, within]
         n = len(atoms)
         periodic = bool(np.all(atoms.get_pbc()))
+        volume = torch.tensor([atoms.get_volume()]) if periodic else None
         # The TorchScript profiling executor's optimised graphs keep more memory per atom and
         # ran no faster here (docs/benchmarks.md): run the exported graph as written.
         with torch.enable_grad(), torch.jit.optimized_execution(False):
-            out = self.module(
-                neighbors["species"], edge_index, edge_vectors, torch.zeros(n, dtype=torch.long), 1,
-                True, periodic, False,
-            )
+            out = evaluate(self.module, neighbors["species"], edge_index, vectors[within].to(self.dtype),
+                           torch.zeros(n, dtype=torch.long), 1, True, periodic, False, volume)
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
         self.results["energies"] = out["atom_energies"].detach().to(torch.float64).numpy()
         self.results["forces"] = out["forces"].detach().to(torch.float64).numpy()
         if periodic:
-            virial = out["virial"][0].detach().to(torch.float64).numpy()
-            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
+            stress = out["stress"][0].detach().to(torch.float64).numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

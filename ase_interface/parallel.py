@@ -59,5 +59,4 @@ class ParallelJanusCalculator(Calculator):
         self.results["free_energy"] = energy
         self.results["forces"] = gathered[:, :3].numpy()
         self.results["energies"] = gathered[:, 3].numpy()
-        virial = out["virial"].detach().to(torch.float64).numpy()
-        self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
+        self.results["stress"] = full_3x3_to_voigt_6_stress(out["stress"].detach().to(torch.float64).numpy())

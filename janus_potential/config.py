@@ -8,8 +8,10 @@ by `JanusPotential.parameter_report()`, which counts the real tensors.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .errors import JanusInputError
 
 
 @dataclass
@@ -37,7 +39,6 @@ class ModelConfig:
     zbl: bool = True  # ZBL short-range repulsion prior (nn/repulsion.py)
     zbl_switch_on: float = 0.25  # ZBL fully on below this fraction of the covalent-radius sum
     zbl_switch_off: float = 0.5  # and off above this one
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.three_body_cutoff > self.cutoff:
@@ -63,6 +64,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """The config stored in a checkpoint; options this version does not know are an error
+        (the file is from another version of Janus)."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise JanusInputError(f"model option(s) {unknown} are unknown to this version of Janus")
         return cls(**values)
 
 

@@ -22,11 +22,10 @@ import torch
 from .elements import number_to_symbol
 from .errors import JanusInputError
 from .integrity import scripted_digest
-from .model import JanusPotential
+from .model import DTYPES, JanusPotential
 
 EXPORT_FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def export_metadata(model: JanusPotential, dtype: str, provenance: Dict[str, Any] | None = None) -> Dict[str, Any]:
@@ -57,9 +56,7 @@ def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "f
     scripted = torch.jit.script(exported)
     metadata["weights_sha256"] = scripted_digest(scripted)
     tmp = f"{os.fspath(path)}.tmp"
-    # ScriptModule.save is shadowed by JanusPotential.save (the checkpoint writer): call the
-    # C++ module's save directly.
-    scripted._c.save(tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    scripted.save(tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
     os.replace(tmp, path)
     return metadata
 

@@ -10,7 +10,7 @@ cutoff (several images of one neighbour) are all handled by the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -43,11 +43,13 @@ class AtomGraph:
 
     def edge_vectors(self, positions: torch.Tensor | None = None, cell: torch.Tensor | None = None) -> torch.Tensor:
         """r_ij = x_j - x_i + shift . cell, differentiable in positions and cell."""
+        from .model import edge_vectors
+
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
-        i, j = self.edge_index
-        shift = torch.einsum("ek,ekl->el", self.edge_shift.to(cell.dtype), cell[self.batch[i]])
-        return positions[j] - positions[i] + shift
+        centre_cell = cell.index_select(0, self.batch.index_select(0, self.edge_index[0]))
+        shift = torch.einsum("ek,ekl->el", self.edge_shift.to(cell.dtype), centre_cell)
+        return edge_vectors(positions, self.edge_index, shift)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "AtomGraph":
         def move(t: torch.Tensor, floating: bool) -> torch.Tensor:
@@ -159,7 +161,3 @@ def batch_graphs(graphs: Sequence[AtomGraph]) -> AtomGraph:
         num_atoms=torch.cat([g.num_atoms for g in graphs]),
     )
 
-
-def with_positions(graph: AtomGraph, positions: torch.Tensor, cell: torch.Tensor | None = None) -> AtomGraph:
-    """The same edges with new positions (and cell); valid while no atom crossed the skin."""
-    return replace(graph, positions=positions, cell=graph.cell if cell is None else cell)

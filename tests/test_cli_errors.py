@@ -40,7 +40,7 @@ def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.ckpt"
-    JanusPotential.from_preset("tiny").save(path)
+    JanusPotential.from_preset("tiny").save_checkpoint(path)
     return path
 
 

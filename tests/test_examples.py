@@ -131,7 +131,7 @@ def test_elements(model, model_file, tmp_path):
     """elements.py on the exported file and on a checkpoint, and `janus info`, list the model's elements."""
     expected = [chemical_symbols[z] for z in model.supported_elements()]
     checkpoint = tmp_path / "model.ckpt"
-    model.save(checkpoint)
+    model.save_checkpoint(checkpoint)
     for path in (model_file, str(checkpoint)):
         output = run_example("elements.py", "--model", path, "Cu", "Al", "Og", cwd=tmp_path)
         assert f"elements: {' '.join(expected)}" in output.splitlines()

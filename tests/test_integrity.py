@@ -45,7 +45,7 @@ def test_flipped_bytes_in_an_exported_model_are_refused(tiny_model, tmp_path):
 
 def test_flipped_bytes_in_a_model_checkpoint_are_refused(tiny_model, tmp_path):
     path = tmp_path / "model.ckpt"
-    tiny_model.save(path)
+    tiny_model.save_checkpoint(path)
     assert torch.equal(JanusPotential.load(path).embedding.weight, tiny_model.embedding.weight)
     flip_tensor_bytes(path)
     with pytest.raises(JanusInputError, match="model.ckpt' is corrupt"):
@@ -111,7 +111,7 @@ def test_hash_is_checked_not_just_present(tmp_path):
     hashing (same archive layout) is refused."""
     model = make_model("tiny")
     path = tmp_path / "model.ckpt"
-    model.save(path)
+    model.save_checkpoint(path)
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["reference_energies"][3] += 1e-9
     torch.save(payload, path)

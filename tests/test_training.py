@@ -180,7 +180,7 @@ def test_frames_missing_labels_are_read(tmp_path):
 def test_eval_reports_known_errors(tmp_path):
     model = make_model()
     checkpoint = tmp_path / "model.ckpt"
-    model.save(checkpoint)
+    model.save_checkpoint(checkpoint)
     frames = labelled_structures(4)
     shift = 0.25  # eV/atom added to every label: the energy MAE must be exactly this
     calculator = JanusCalculator(model)
@@ -212,7 +212,7 @@ def test_eval_refuses_elements_the_model_does_not_cover(tmp_path):
         model.supported.zero_()
         model.supported[[3, 8]] = True  # Li and O, not Mg
     checkpoint = tmp_path / "model.ckpt"
-    model.save(checkpoint)
+    model.save_checkpoint(checkpoint)
     frames = labelled_structures(4)  # Li, Mg, O
     frames.append(frames[0][[a.symbol != "Mg" for a in frames[0]]])
     frames[-1].calc = SinglePointCalculator(frames[-1], energy=-1.0)

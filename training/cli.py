@@ -17,7 +17,14 @@ def _report_resume(trainer) -> None:
         print(f"no checkpoint found at {trainer.checkpoint_path}: training starts from scratch")
 
 
+def _require_training_extra(command: str) -> None:
+    from janus_potential.extras import require
+
+    require("train", f"janus {command}", "yaml", "tqdm")
+
+
 def _train(args: argparse.Namespace) -> int:
+    _require_training_extra("train")
     from janus_potential.export import export_model
 
     from .distributed import load_train_config, make_trainer
@@ -32,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     model = trainer.ema_model()  # on every rank: gathering sharded experts is collective
     if not is_main:
         return 0
-    model.save(trainer.output / "model.ckpt", provenance=trainer.provenance())
+    model.save_checkpoint(trainer.output / "model.ckpt", provenance=trainer.provenance())
     export_model(model, trainer.output / "model.pt", dtype=config.run.dtype)
     if summary:
         print(format_table(summary))
@@ -41,6 +48,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _require_training_extra("eval")
     from .evaluate import evaluate, format_table
     from .progress import stderr_bars
 

@@ -8,19 +8,11 @@ import torch
 
 from janus_potential.elements import number_to_symbol
 from janus_potential.errors import JanusInputError
-from janus_potential.io import InferenceModel, load_for_inference
+from janus_potential.io import load_for_inference
+from janus_potential.model import evaluate as evaluate_model
 
 from .data import Sample, atom_budget_batches, collate, load_dataset
 from .loss import ErrorMetrics
-
-
-def predict_with(model: InferenceModel, graph, compute_virial: bool) -> Dict[str, torch.Tensor]:
-    """Energies, forces, virial and stress (ASE sign) of a batched graph with any loaded model."""
-    result = model.module(graph.species, graph.edge_index, graph.edge_vectors(), graph.batch, graph.num_graphs,
-                          True, compute_virial, False)
-    if compute_virial:
-        result["stress"] = -result["virial"] / graph.volumes().to(result["virial"].dtype).view(-1, 1, 1)
-    return result
 
 
 def covered_samples(samples: list[Sample], elements: Sequence[int], skip: bool) -> tuple[list[Sample], int]:
@@ -55,7 +47,11 @@ def evaluate(model_path: str, data: Sequence[str], max_atoms_per_batch: int = 51
     for indices in atom_budget_batches([s.num_atoms for s in samples], max_atoms_per_batch, 0, 0, shuffle=False):
         batch = collate([samples[k] for k in indices])
         with torch.enable_grad():
-            prediction = predict_with(model, batch.graph, compute_virial=bool(batch.has_stress.any()))
+            compute_virial = bool(batch.has_stress.any())
+            graph = batch.graph
+            prediction = evaluate_model(model.module, graph.species, graph.edge_index, graph.edge_vectors(),
+                                        graph.batch, graph.num_graphs, True, compute_virial, False,
+                                        graph.volumes() if compute_virial else None)
         metrics.update(prediction, batch)
     summary = metrics.summary()
     if skipped:

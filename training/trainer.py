@@ -18,7 +18,7 @@ import torch
 
 from janus_potential.elements import MAX_ATOMIC_NUMBER
 from janus_potential.errors import JanusInputError
-from janus_potential.model import JanusPotential
+from janus_potential.model import DTYPES, JanusPotential
 
 from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig
@@ -27,7 +27,6 @@ from .loss import ErrorMetrics, loss_terms, predict
 from .progress import TrainingProgress, stderr_bars
 from .schedule import ExponentialMovingAverage, warmup_cosine
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def fit_reference_energies(samples: list[Sample], huber_delta: float = 0.1, iterations: int = 20) -> torch.Tensor:

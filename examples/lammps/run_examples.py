@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(HERE))
-from make_structure import from_dataset, write_data  # noqa: E402
+from make_structure import DATASET, from_dataset, write_data  # noqa: E402
 
 
 def last_thermo(log: Path) -> str:
@@ -37,9 +37,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--data", default=DATASET, help="structures to pick the crystal from (default: %(default)s)")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    atoms = from_dataset()
+    atoms = from_dataset(args.data)
     data = args.output / "structure.data"
     elements = write_data(atoms, str(data))
     print(f"LAMMPS: {atoms.get_chemical_formula()} ({len(atoms)} atoms), pair_coeff * * model.pt {' '.join(elements)}")

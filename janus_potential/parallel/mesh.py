@@ -59,6 +59,9 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
         return rank, world
     if not launched_by_mpi():
         return 0, 1
+    from janus_potential.extras import require
+
+    require("mpi", "a launch under mpirun", "mpi4py")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
