@@ -22,6 +22,9 @@ from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure,
 from janus_potential.io import load_for_inference
 from janus_potential.model import edge_vectors, evaluate
 
+from .parallel import ParallelJanusCalculator
+
+
 class JanusCalculator(Calculator):
     """ASE calculator for energy, free_energy, forces, stress (Voigt, ASE sign) and energies."""
 
@@ -30,19 +33,15 @@ class JanusCalculator(Calculator):
     def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, **kwargs: Any) -> None:
         """`model`: exported file, model or training checkpoint, or a JanusPotential. `skin`: neighbour-list skin
         (A). `parallel=True`: under mpirun, split the structure over all ranks with the
-        domain (halo) backend of the trainer (`janus_potential.parallel`); every rank gets
-        the full results."""
+        domain (halo) backend of the trainer (`ParallelJanusCalculator`: each rank builds and
+        evaluates only its own slab); every rank gets the full results."""
         super().__init__(**kwargs)
         loaded = load_for_inference(model)
         self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
                                                                          loaded.elements, loaded.dtype)
         self.skin = float(skin)
         self._neighbors: dict[str, Any] | None = None
-        self._parallel = None
-        if parallel:
-            from .parallel import ParallelJanusCalculator
-
-            self._parallel = ParallelJanusCalculator(model)
+        self._parallel = ParallelJanusCalculator(loaded, skin=self.skin) if parallel else None
 
     # ----------------------------------------------------------------- neighbour list
     def _neighbor_list(self, atoms) -> dict[str, Any]:
@@ -74,8 +73,7 @@ class JanusCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         if self._parallel is not None:
-            self._parallel.calculate(self.atoms, properties, system_changes)
-            self.results.update(self._parallel.results)
+            self.results.update(self._parallel.compute(self.atoms))
             return
         atoms = self.atoms
         positions = np.asarray(atoms.get_positions(), dtype=np.float64)

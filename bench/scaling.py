@@ -1,6 +1,7 @@
 """Scaling of data (dp), expert (ep) and domain (dd) parallelism on 1, 2 and 4 ranks.
 
     .venv/bin/python bench/scaling.py [--ranks 1 2 4] [--steps 3]
+    .venv/bin/python bench/scaling.py --weak [--atoms-per-rank 2048] [--ranks 1 2]
 
 Each (kind, ranks) point runs under `mpirun -np N` (oversubscribed past the 2 cores) and
 measures one training step with energy+force loss (second derivatives) on the `small`
@@ -12,6 +13,11 @@ by the torch profiler on every rank, as in bench/train_step.py) against the fp32
 rate of the cores the ranks can use (one thread per rank, measured in the same run); plus an alpha-beta cost model per rank (latency alpha, bandwidth
 beta fitted from all_reduce timings on 2 ranks) that predicts the communication time of
 each point and extrapolates to 1,000+ ranks. Writes bench/results/scaling.json.
+
+`--weak` keeps the work per rank fixed instead (the paper's weak scaling): every rank gets
+`--atoms-per-rank` atoms (dp/ep: that many atoms of 32-atom structures per rank, so the
+global batch grows with the ranks; dd: one structure of atoms-per-rank x ranks atoms), and
+efficiency = throughput(N) / (N x throughput(1)). Writes bench/results/scaling_weak.json.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GLOBAL_STRUCTURES, ATOMS_PER_STRUCTURE, DOMAIN_ATOMS = 8, 32, 512
 
 
-def worker(kind: str, steps: int) -> dict:
+def worker(kind: str, steps: int, atoms_per_rank: int = 0) -> dict:
+    """One (kind, ranks) point; `atoms_per_rank` > 0: weak scaling with that much work per rank."""
     import torch
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
@@ -49,6 +56,10 @@ def worker(kind: str, steps: int) -> dict:
 
     torch.set_num_threads(1)
     _, world = init_distributed()
+    global_structures, domain_atoms = GLOBAL_STRUCTURES, DOMAIN_ATOMS
+    if atoms_per_rank:
+        global_structures = world * max(1, atoms_per_rank // ATOMS_PER_STRUCTURE)
+        domain_atoms = world * atoms_per_rank
     sizes = {"dp": (world, 1, 1), "ep": (1, world, 1), "dd": (1, 1, world)}[kind]
     mesh = ProcessMesh.create(*sizes)
     torch.manual_seed(0)
@@ -63,14 +74,14 @@ def worker(kind: str, steps: int) -> dict:
         if experts and mesh.dp > 1:
             reducers.append(GradientReducer(experts, mesh.expert_grad_group))
     if kind == "dd":
-        atoms = random_structure(["Si", "O"], DOMAIN_ATOMS, seed=0, density=0.07)
+        atoms = random_structure(["Si", "O"], domain_atoms, seed=0, density=0.07, min_distance=1.5)
         graph = build_graph(atoms, model.cutoff, dtype=torch.float32)
         domain_model = DomainModel.build(model, graph, mesh.dd_group)
         local_atoms = domain_model.domain.n_owned
     else:
-        frames = [random_structure(["Si", "O"], ATOMS_PER_STRUCTURE, seed=k, density=0.07) for k in range(GLOBAL_STRUCTURES)]
-        graphs = [build_graph(a, model.cutoff, dtype=torch.float32) for a in frames]
-        mine = split_by_atoms(list(range(GLOBAL_STRUCTURES)), [ATOMS_PER_STRUCTURE] * GLOBAL_STRUCTURES, world)[mesh.rank]
+        mine = split_by_atoms(list(range(global_structures)), [ATOMS_PER_STRUCTURE] * global_structures, world)[mesh.rank]
+        frames = {k: random_structure(["Si", "O"], ATOMS_PER_STRUCTURE, seed=k, density=0.07) for k in mine}
+        graphs = {k: build_graph(a, model.cutoff, dtype=torch.float32) for k, a in frames.items()}
         graph = batch_graphs([graphs[k] for k in mine])
         local_atoms = graph.positions.shape[0]
 
@@ -78,11 +89,11 @@ def worker(kind: str, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if kind == "dd":
             out = domain_model(graph.positions, graph.cell[0], compute_virial=False, create_graph=True)
-            loss = (out["forces"] ** 2).sum() / (3 * DOMAIN_ATOMS) + out["energy"].float() ** 2 / DOMAIN_ATOMS ** 2 / world
+            loss = (out["forces"] ** 2).sum() / (3 * domain_atoms) + out["energy"].float() ** 2 / domain_atoms ** 2 / world
         else:
             out = model.compute(graph, compute_virial=False, create_graph=True)
-            loss = (out["forces"] ** 2).sum() / (3 * GLOBAL_STRUCTURES * ATOMS_PER_STRUCTURE)
-            loss = loss + (out["energy"].float() ** 2).sum() / ATOMS_PER_STRUCTURE ** 2 / GLOBAL_STRUCTURES
+            loss = (out["forces"] ** 2).sum() / (3 * global_structures * ATOMS_PER_STRUCTURE)
+            loss = loss + (out["energy"].float() ** 2).sum() / ATOMS_PER_STRUCTURE ** 2 / global_structures
         loss.backward()
         for reducer in reducers:
             reducer.finish()
@@ -186,10 +197,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--kinds", nargs="+", default=["dp", "ep", "dd"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--weak", action="store_true", help="fixed work per rank (weak scaling)")
+    parser.add_argument("--atoms-per-rank", type=int, default=2048, help="--weak: atoms per rank (default 2048)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    atoms_per_rank = args.atoms_per_rank if args.weak else 0
     if args.worker:
-        result = worker(args.worker, args.steps)
+        result = worker(args.worker, args.steps, atoms_per_rank)
         if int(os.environ.get("PMI_RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return
@@ -205,6 +219,8 @@ def main() -> None:
     for kind in args.kinds:
         for ranks in args.ranks:
             command = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps)]
+            if args.weak:
+                command += ["--weak", "--atoms-per-rank", str(args.atoms_per_rank)]
             if ranks > 1:
                 command = [str(Path(sys.executable).parent / "mpirun"), "-np", str(ranks), *command]
             done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -215,6 +231,10 @@ def main() -> None:
     fit = next((r["alpha_beta"] for p in points for r in p["per_rank"] if "alpha_beta" in r),
                {"alpha_s": 1e-4, "beta_bytes_per_s": 1e9})
     alpha, beta = fit["alpha_s"], fit["beta_bytes_per_s"]
+    def domain_atoms(ranks: int) -> int:
+        return ranks * args.atoms_per_rank if args.weak else DOMAIN_ATOMS
+
+    extrapolation_atoms = args.atoms_per_rank if args.weak else 256
     rows = []
     for p in points:
         per_rank = p["per_rank"]
@@ -226,7 +246,8 @@ def main() -> None:
             "kind": p["kind"], "ranks": p["ranks"], "steps_per_s": 1 / step_s, "atoms_per_s": atoms / step_s,
             "comm_s": mean["comm_s"], "comm_bytes": mean["comm_bytes"],
             "model_bytes": predicted_bytes(p["kind"], p["ranks"], per_rank[0]["grad_bytes"], mean["local_atoms"],
-                                           slab_area=(DOMAIN_ATOMS / 0.07) ** (2 / 3) if p["kind"] == "dd" else 0.0),
+                                           slab_area=(domain_atoms(p["ranks"]) / 0.07) ** (2 / 3)
+                                           if p["kind"] == "dd" else 0.0),
             "model_comm_s": model_comm_seconds(p["kind"], p["ranks"], point, alpha, beta),
             "gflop_s": sum(r["matmul_flops"] for r in per_rank) / step_s / 1e9,
         })
@@ -236,11 +257,12 @@ def main() -> None:
         r["efficiency"] = r["atoms_per_s"] / (r["ranks"] * base[r["kind"]]) if r["kind"] in base else None
     grad_bytes = points[0]["per_rank"][0]["grad_bytes"]
     extrapolation = [
-        {"ranks": n, **{f"{k}_bytes_per_rank": predicted_bytes(k, n, grad_bytes, 256) for k in ("dp", "ep", "dd")},
+        {"ranks": n, **{f"{k}_bytes_per_rank": predicted_bytes(k, n, grad_bytes, extrapolation_atoms)
+                        for k in ("dp", "ep", "dd")},
          "dp_comm_s": 2 * (n - 1) * (grad_bytes // (8 << 20) + 1) * alpha + 2 * (n - 1) / n * grad_bytes / beta,
          "dp_comm_s_tree": 2 * np.log2(n) * (grad_bytes // (8 << 20) + 1) * alpha + 2 * grad_bytes / beta,
-         "ep_comm_s": 24 * (n - 1) * alpha + predicted_bytes("ep", n, grad_bytes, 256) / beta,
-         "dd_comm_s": 10 * min(n - 1, 26) * alpha + predicted_bytes("dd", n, grad_bytes, 256) / beta}
+         "ep_comm_s": 24 * (n - 1) * alpha + predicted_bytes("ep", n, grad_bytes, extrapolation_atoms) / beta,
+         "dd_comm_s": 10 * min(n - 1, 26) * alpha + predicted_bytes("dd", n, grad_bytes, extrapolation_atoms) / beta}
         for n in (2, 4, 64, 1024, 4096)
     ]
     print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s (2-rank gloo all_reduce on this machine)")
@@ -253,14 +275,15 @@ def main() -> None:
         print(f"{r['kind']:4} {r['ranks']:5d} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} {eff:>5} "
               f"{r['comm_s']:8.4f} {r['model_comm_s']:8.4f} {r['comm_bytes'] / 1e6:8.3f} {r['model_bytes'] / 1e6:8.3f} "
               f"{r['gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:6.1f}%")
-    print("extrapolation (256 atoms per rank; dd as 3-D cubic domains):")
+    print(f"extrapolation ({extrapolation_atoms} atoms per rank; dd as 3-D cubic domains):")
     for e in extrapolation:
         print(f"  {e['ranks']:5d} ranks: dp {e['dp_bytes_per_rank'] / 1e6:7.2f} MB {e['dp_comm_s']:8.3f} s ring "
               f"{e['dp_comm_s_tree']:6.3f} s tree | ep {e['ep_bytes_per_rank'] / 1e6:6.2f} MB {e['ep_comm_s']:7.3f} s "
               f"| dd {e['dd_bytes_per_rank'] / 1e6:6.2f} MB {e['dd_comm_s']:6.3f} s")
-    out = ROOT / "bench" / "results" / "scaling.json"
+    out = ROOT / "bench" / "results" / ("scaling_weak.json" if args.weak else "scaling.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"alpha_beta": fit, "matmul_gflop_s_per_core": core_rate / 1e9, "cores": cores,
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "weak": args.weak,
+                               "atoms_per_rank": atoms_per_rank, "alpha_beta": fit, "matmul_gflop_s_per_core": core_rate / 1e9, "cores": cores,
                                "points": points, "table": rows, "extrapolation": extrapolation}, indent=1))
     print(f"wrote {out}")
 

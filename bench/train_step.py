@@ -25,7 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from janus_potential import JanusPotential, batch_graphs, build_graph
-from janus_potential.model import forces_from_edge_gradient, virial_from_edge_gradient
+from janus_potential.model import atom_energies, forces_from_edge_gradient, virial_from_edge_gradient
+from janus_potential.nn.moe import balance_loss
 from janus_potential.testing import random_structure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,14 +53,15 @@ def one_step(model, graph, timings: dict | None = None):
     """One training step with its three phases timed separately."""
     t0 = time.perf_counter()
     edge_vectors = graph.edge_vectors().requires_grad_(True)
-    atom_energy = model.atomic_energies(graph.species, graph.edge_index, edge_vectors)
+    atom_energy, routing = atom_energies(model, graph.species, graph.edge_index, edge_vectors)
     energy = torch.zeros(graph.num_graphs, dtype=torch.float64).index_add(0, graph.batch, atom_energy.double())
     t1 = time.perf_counter()
     (edge_gradient,) = torch.autograd.grad(atom_energy.sum(), edge_vectors, create_graph=True)
     forces = forces_from_edge_gradient(edge_gradient, graph.edge_index, graph.species.shape[0])
     virial = virial_from_edge_gradient(edge_gradient, edge_vectors, graph.batch[graph.edge_index[0]], graph.num_graphs)
     t2 = time.perf_counter()
-    loss = (energy.float() ** 2).mean() + (forces**2).mean() + (virial**2).mean() + 0.01 * model.balance_loss()
+    loss = (energy.float() ** 2).mean() + (forces**2).mean() + (virial**2).mean() + 0.01 * balance_loss(
+        routing.probability_sum, routing.expert_load, graph.species.shape[0])
     model.zero_grad(set_to_none=True)
     loss.backward()
     t3 = time.perf_counter()

@@ -20,7 +20,7 @@ from C++ with LAMMPS's communication between layers.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -67,28 +67,40 @@ def stress_from_virial(virial: torch.Tensor, volumes: torch.Tensor) -> torch.Ten
     return -virial / volumes.to(virial.dtype).clamp(min=1e-12).reshape(virial.shape[:-2] + (1, 1))
 
 
+class Routing(NamedTuple):
+    """What the MoE layers report for the trainer, per layer ([L, E] each): the sum over owned
+    atoms of the router probabilities (differentiable) and the atom-slots routed to each
+    expert (`nn.moe.balance_loss` turns them into the load-balancing loss)."""
+
+    probability_sum: torch.Tensor
+    expert_load: torch.Tensor
+
+
 def run_layers(model, h: torch.Tensor, species: torch.Tensor, geometry: Geometry, num_owned: int = -1,
-               exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+               exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, Routing]:
     """The layer sequence of every Python front end: interaction_l, then the halo exchange
     of the ghost rows after every layer but the last (the readout needs owned rows only).
     `model` is a `JanusPotential` or an exported (scripted) one; `exchange` is None for a
     ghost-free graph. The LAMMPS plugin's C++ loop follows the same rule."""
+    probability_sums, loads = [], []
     for layer in range(model.num_interactions):
-        h = model.interaction(layer, h, species, geometry, num_owned)
+        h, probability_sum, load = model.interaction(layer, h, species, geometry, num_owned)
+        probability_sums.append(probability_sum)
+        loads.append(load)
         if exchange is not None and layer + 1 < model.num_interactions:
             h = exchange(h)
-    return h
+    return h, Routing(torch.stack(probability_sums), torch.stack(loads))
 
 
 def atom_energies(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                   num_owned: int = -1,
-                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """Energies of the owned atoms (all atoms of a ghost-free graph): prepare, embed, the
-    layers, readout."""
+                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, Routing]:
+    """Energies of the owned atoms (all atoms of a ghost-free graph) and the MoE routing:
+    prepare, embed, the layers, readout."""
     geometry = model.prepare(species, edge_index, edge_vectors)
-    h = run_layers(model, model.embed(species), species, geometry, num_owned, exchange)
+    h, routing = run_layers(model, model.embed(species), species, geometry, num_owned, exchange)
     owned = species.shape[0] if num_owned < 0 else num_owned
-    return model.readout(h[:owned], species[:owned], geometry)
+    return model.readout(h[:owned], species[:owned], geometry), routing
 
 
 def outputs_from_edge_gradient(edge_gradient: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor,
@@ -112,13 +124,15 @@ def evaluate(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vector
              create_graph: bool = False, volumes: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Energies [G] (float64), atom energies [N], forces [N, 3], virial [G, 3, 3] and (given
     the volumes) stress of a ghost-free graph, from ONE autograd pass of the energy with
-    respect to the edge vectors. `model`: a `JanusPotential` or an exported one."""
+    respect to the edge vectors, and the MoE routing sums ([L, E]: `router_probability_sum`,
+    `expert_load`). `model`: a `JanusPotential` or an exported one."""
     if (compute_forces or compute_virial) and not edge_vectors.requires_grad:
         edge_vectors = edge_vectors.detach().requires_grad_(True)
-    atom_energy = atom_energies(model, species, edge_index, edge_vectors)
+    atom_energy, routing = atom_energies(model, species, edge_index, edge_vectors)
     energy = torch.zeros(num_graphs, dtype=torch.float64, device=atom_energy.device)
     energy = energy.index_add(0, batch, atom_energy.to(torch.float64))
-    result = {"energy": energy, "atom_energies": atom_energy}
+    result = {"energy": energy, "atom_energies": atom_energy, "router_probability_sum": routing.probability_sum,
+              "expert_load": routing.expert_load}
     if compute_forces or compute_virial:
         (edge_gradient,) = torch.autograd.grad([atom_energy.sum()], [edge_vectors], create_graph=create_graph,
                                                allow_unused=True)
@@ -198,14 +212,17 @@ class JanusPotential(nn.Module):
     @torch.jit.export
     def interaction(
         self, index: int, h: torch.Tensor, species: torch.Tensor, geometry: Geometry, num_owned: int = -1
-    ) -> torch.Tensor:
-        """Layer `index`. Front ends with ghost atoms pass `num_owned` (owned rows first): ghost
-        rows are then left for the halo exchange instead of being updated."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `index`: (node features, router probability sum [E], expert load [E]). Front
+        ends with ghost atoms pass `num_owned` (owned rows first): ghost rows are then left
+        for the halo exchange instead of being updated. (TorchScript indexes a ModuleList by
+        constants only, hence the loop.)"""
         element_embedding = self.embedding(species)
+        result = (h, torch.zeros(0, dtype=h.dtype, device=h.device), torch.zeros(0, dtype=h.dtype, device=h.device))
         for i, layer in enumerate(self.layers):
             if i == index:
-                h = layer(h, element_embedding, geometry, num_owned)
-        return h
+                result = layer(h, element_embedding, geometry, num_owned)
+        return result
 
     @torch.jit.export
     def readout(self, h: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -238,22 +255,6 @@ class JanusPotential(nn.Module):
                         create_graph)
 
     # ----------------------------------------------------------------- eager helpers
-    @torch.jit.unused
-    def balance_loss(self) -> torch.Tensor:
-        """Sum over layers of the MoE load-balancing loss of the latest forward pass."""
-        losses = [layer.moe.last_balance_loss for layer in self.layers if layer.moe.last_balance_loss is not None]
-        if not losses:
-            return torch.zeros((), dtype=self.embedding.weight.dtype)
-        return torch.stack(losses).sum()
-
-    @torch.jit.unused
-    def expert_load(self) -> List[List[int]]:
-        """Atom-slots routed to each expert, per layer, in the latest forward pass."""
-        return [
-            [] if layer.moe.last_expert_load is None else layer.moe.last_expert_load.tolist()
-            for layer in self.layers
-        ]
-
     @torch.jit.unused
     def compute(self, graph, compute_virial: bool = True, create_graph: bool = False) -> Dict[str, torch.Tensor]:
         """Energies, forces, virial and stress (ASE convention) of an `AtomGraph`."""

@@ -381,7 +381,8 @@ void PairJanus::compute(int eflag, int vflag)
     for (int l = 0; l < num_interactions_; ++l) {
       auto h_in = l == 0 ? h : h.requires_grad_(true);
       // owned rows first: the model leaves ghost rows to the forward exchange below
-      auto h_out = interaction({(int64_t) l, h_in, species, geometry, (int64_t) nlocal}).toTensor();
+      // (node features, router probability sum, expert load): LAMMPS needs the features only
+      auto h_out = interaction({(int64_t) l, h_in, species, geometry, (int64_t) nlocal}).toTupleRef().elements()[0].toTensor();
       layer_inputs.push_back(h_in);
       layer_outputs.push_back(h_out);
       h = h_out.detach().clone().contiguous();

@@ -6,7 +6,12 @@ Checks: `mesh:DP,EP,DD` (energy, forces, stress, the parameter gradient of an
 energy+force+stress loss, and the MoE expert loads -- owned atoms only, summed over ranks --
 under that layout), `naive-halo` (a halo whose backward calls the
 collective directly: first derivatives right, second derivatives wrong -- the failure mode
-the real Functions exist to prevent), `bad-mesh` (the error message).
+the real Functions exist to prevent), `bad-mesh` (the error message), `ase-md`
+(`JanusCalculator(parallel=True)` = one process through MD steps within the skin, a move
+beyond half the skin and a strained cell, with the expected neighbour-list reuse and
+rebuilds; the halo plan built from ghost requests = the plan from every rank's domain),
+`ase-errors` (overlapping atoms and NaN positions in one rank's slab: every rank raises the
+same `JanusInputError` instead of hanging in a collective).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from janus_potential.parallel.expert import is_expert_shard, shard_experts  # no
 from janus_potential.parallel.halo import HaloForward  # noqa: E402
 from janus_potential.parallel.mesh import MeshError, ProcessMesh  # noqa: E402
 from janus_potential.testing import random_structure  # noqa: E402
-from tests.conftest import make_model  # noqa: E402
+from tests.model_suite import make_model  # noqa: E402
 
 TOLERANCE = 1e-10
 STRESS_WEIGHT, ENERGY_WEIGHT = 10.0, 1.0
@@ -84,7 +89,7 @@ def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> di
     reference_load = torch.zeros(len(reference.layers), 4, dtype=torch.float64)
     for g, target in zip(graphs, targets):
         out = reference.compute(g, create_graph=True)
-        reference_load += torch.tensor(reference.expert_load(), dtype=torch.float64)
+        reference_load += out["expert_load"].to(torch.float64)
         reference_out.append(out)
         reference_loss = reference_loss + loss_of(out["energy"][0], out["forces"], out["stress"][0], target,
                                                   g.positions.shape[0], n_forces_total, n_structures, 1)
@@ -98,7 +103,7 @@ def check_mesh(dp: int, ep: int, dd: int, n_structures: int, n_atoms: int) -> di
         g, target, ref = graphs[k], targets[k], reference_out[k]
         domain_model = DomainModel.build(model, g, mesh.dd_group if mesh.world_size > 1 else None)
         out = domain_model(g.positions, g.cell[0], create_graph=True)
-        load += torch.tensor([layer.moe.last_expert_load.tolist() for layer in model.layers], dtype=torch.float64)
+        load += out["expert_load"].to(torch.float64)
         owned = domain_model.domain.owned
         errors["energy"] = max(errors["energy"], relative_error(out["energy"].detach(), ref["energy"][0].detach()))
         errors["forces"] = max(errors["forces"], relative_error(out["forces"].detach(), ref["forces"][owned].detach()))
@@ -189,6 +194,107 @@ def check_calculator() -> dict:
     return reduce_errors("calculator", errors)
 
 
+def calculator_errors(atoms, expected) -> dict:
+    """Largest deviations of the parallel results from the one-process ones (energy relative)."""
+    return {
+        "energy": abs(atoms.get_potential_energy() - expected.get_potential_energy())
+        / abs(expected.get_potential_energy()),
+        "forces": float(np.abs(atoms.get_forces() - expected.get_forces()).max()),
+        "stress": float(np.abs(atoms.get_stress() - expected.get_stress()).max()),
+        "energies": float(np.abs(atoms.get_potential_energies() - expected.get_potential_energies()).max()),
+    }
+
+
+def check_ase_md() -> dict:
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from janus_potential.ase import JanusCalculator
+    from janus_potential.parallel.domain import halo_plan, request_halo_plan, slab_axis, slab_domain
+
+    model = make_model()
+    n_ranks = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    errors: dict = {}
+
+    def record(stage: str, values: dict) -> None:
+        for key, value in values.items():
+            errors[f"{stage}.{key}"] = max(errors.get(f"{stage}.{key}", 0.0), value)
+
+    for name, atoms in (("orthogonal", structures(1, 200)[0]), ("triclinic", structures(2, 150)[1])):
+        expected = atoms.copy()
+        expected.calc = JanusCalculator(model)
+        calculator = JanusCalculator(model, parallel=True)
+        atoms.calc = calculator
+        parallel = calculator._parallel
+        record(name, {"model_loaded_twice": float(parallel.module is not calculator.module)})
+        record(f"{name}.first", calculator_errors(atoms, expected))
+
+        kinetic = np.sqrt(atoms.get_masses() * units.kB * 1000.0)[:, None]  # Maxwell-Boltzmann at 1000 K
+        atoms.set_momenta(kinetic * np.random.default_rng(3).normal(size=(len(atoms), 3)))
+        expected.set_velocities(atoms.get_velocities())
+        dynamics, reference_dynamics = VelocityVerlet(atoms, 2 * units.fs), VelocityVerlet(expected, 2 * units.fs)
+        for _ in range(3):
+            dynamics.run(1)
+            reference_dynamics.run(1)
+            record(f"{name}.md_within_skin", calculator_errors(atoms, expected))
+        record(name, {"rebuilt_within_skin": float(parallel.statistics()["builds"] != 1)})
+
+        cell = atoms.get_cell().array
+        axis = slab_axis(cell)
+        normal = np.linalg.inv(cell)[:, axis] / np.linalg.norm(np.linalg.inv(cell)[:, axis])
+        coordinate = (atoms.positions @ np.linalg.inv(cell))[:, axis] % 1.0
+        mover = int(np.argmin(np.abs(coordinate - 1.0 / max(n_ranks, 2)) + (coordinate > 1.0 / max(n_ranks, 2))))
+        positions = atoms.get_positions()
+        positions[mover] += 0.6 * calculator.skin * normal  # beyond half the skin, across a slab boundary
+        atoms.set_positions(positions)
+        expected.set_positions(positions)
+        record(f"{name}.moved", calculator_errors(atoms, expected))
+        record(name, {"no_rebuild_after_move": float(parallel.statistics()["builds"] != 2)})
+
+        strained = cell @ (np.eye(3) + 0.01 * np.array([[1.0, 0.2, 0.0], [0.2, -0.5, 0.1], [0.0, 0.1, 0.3]]))
+        for target in (atoms, expected):
+            target.set_cell(strained, scale_atoms=True)
+        record(f"{name}.strained", calculator_errors(atoms, expected))
+        record(name, {"no_rebuild_after_strain": float(parallel.statistics()["builds"] != 3)})
+
+        domains = [slab_domain(atoms.positions, strained, atoms.numbers, n_ranks, r, 5.0) for r in range(n_ranks)]
+        requested = request_halo_plan(domains[rank])
+        planned = halo_plan(domains, rank)
+        same_plan = (torch.equal(requested.send_index, planned.send_index)
+                     and torch.equal(requested.recv_rows, planned.recv_rows)
+                     and (requested.send_counts, requested.recv_counts) == (planned.send_counts, planned.recv_counts))
+        record(name, {"request_plan_differs": float(not same_plan)})
+    return reduce_errors("ase-md", errors)
+
+
+def check_ase_errors() -> dict:
+    from janus_potential.ase import JanusCalculator
+    from janus_potential.errors import JanusInputError
+
+    model = make_model()
+    atoms = structures(1, 200)[0]
+    last = int(np.argmax(atoms.get_scaled_positions()[:, 0]))  # owned by the last rank (slabs along x)
+    other = int(np.argsort(atoms.get_scaled_positions()[:, 0])[-2])
+    errors = {}
+    for problem, expected_text in (("overlap", "overlapping atoms"), ("nan", "NaN")):
+        broken = atoms.copy()
+        broken.calc = JanusCalculator(model, parallel=True)
+        broken.get_potential_energy()  # a valid first step, then the problem appears within the skin
+        positions = broken.get_positions()
+        if problem == "overlap":
+            positions[other] = positions[last] + [0.05, 0.0, 0.0]
+        else:
+            positions[last] = np.nan
+        broken.set_positions(positions)
+        try:
+            broken.get_forces()
+            errors[problem] = 1.0
+        except JanusInputError as exc:
+            errors[problem] = 0.0 if expected_text in str(exc) else 1.0
+    return reduce_errors("ase-errors", errors)
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     results = []
@@ -205,6 +311,16 @@ def main(argv: list[str]) -> int:
 
             init_distributed()
             results.append(check_calculator())
+        elif item == "ase-md":
+            from janus_potential.parallel.mesh import init_distributed
+
+            init_distributed()
+            results.append(check_ase_md())
+        elif item == "ase-errors":
+            from janus_potential.parallel.mesh import init_distributed
+
+            init_distributed()
+            results.append(check_ase_errors())
         elif item == "bad-mesh":
             results.append(check_bad_mesh())
         else:

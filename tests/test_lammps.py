@@ -1,7 +1,9 @@
 """`pair_style janus` in real LAMMPS (`lmp`, `mpirun -np N lmp`, the Python `lammps` module).
 
 References: `JanusCalculator` on the same configuration (energy, forces, stress, per-atom
-energies), energy conservation of NVE, and the LAMMPS error text of each bad input.
+energies), per-atom virials from the model's edge gradient, energy conservation of NVE, and
+the LAMMPS error text of each bad input. The model, the structures and the calculator
+reference come from the model suite (tests/model_suite.py).
 The plugin must be built (`bash lammps_plugin/build.sh .venv/bin/python`, done by the
 Makefile); these tests fail, not skip, when it is not.
 """
@@ -18,14 +20,15 @@ import pytest
 import torch
 from ase.data import atomic_masses, atomic_numbers
 
-from janus_potential import JanusPotential
 from janus_potential.ase import JanusCalculator
 from janus_potential.errors import JanusInputError
 from janus_potential.export import export_model
+from janus_potential.graph import build_graph
 from janus_potential.lammps import PLUGIN_DIR, plugin_file
 from janus_potential.testing import random_structure
 
 from .conftest import flip_tensor_bytes
+from .model_suite import PERIODIC, STRUCTURES, calculator_results, make_model
 
 pytestmark = pytest.mark.lammps
 
@@ -71,17 +74,18 @@ def run_lammps(script: str, workdir, ranks: int = 1, timeout: float = 300) -> su
     return subprocess.run(command, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=timeout)
 
 
-def write_data(atoms, path) -> None:
-    """LAMMPS data file with full-precision coordinates; `atoms.cell` must be lower triangular."""
+def write_data(atoms, path, elements: list[str] = ELEMENTS) -> None:
+    """LAMMPS data file with full-precision coordinates, atom type k = elements[k - 1];
+    `atoms.cell` must be lower triangular."""
     cell = [[float(v) for v in row] for row in atoms.cell.array]
     assert cell[0][1] == cell[0][2] == cell[1][2] == 0.0, "cell must be in LAMMPS (lower-triangular) form"
-    types = {symbol: k + 1 for k, symbol in enumerate(ELEMENTS)}
+    types = {symbol: k + 1 for k, symbol in enumerate(elements)}
     lines = [
-        "janus test structure", "", f"{len(atoms)} atoms", f"{len(ELEMENTS)} atom types", "",
+        "janus test structure", "", f"{len(atoms)} atoms", f"{len(elements)} atom types", "",
         f"0 {cell[0][0]!r} xlo xhi", f"0 {cell[1][1]!r} ylo yhi", f"0 {cell[2][2]!r} zlo zhi",
         f"{cell[1][0]!r} {cell[2][0]!r} {cell[2][1]!r} xy xz yz", "", "Masses", "",
     ]
-    lines += [f"{types[s]} {float(atomic_masses[atomic_numbers[s]])!r}" for s in ELEMENTS]
+    lines += [f"{types[s]} {float(atomic_masses[atomic_numbers[s]])!r}" for s in elements]
     lines += ["", "Atoms # atomic", ""]
     lines += [
         f"{k + 1} {types[s]} {float(p[0])!r} {float(p[1])!r} {float(p[2])!r}"
@@ -120,12 +124,14 @@ def plugin() -> str:
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory) -> dict[str, str]:
-    """The same random tiny model exported in float32 and float64 (non-trivial reference energies)."""
-    torch.manual_seed(0)
-    model = JanusPotential.from_preset("tiny")
-    with torch.no_grad():
-        model.reference_energies.uniform_(-5.0, -1.0)
+def model():
+    """The suite's random tiny model (float64, non-trivial reference energies)."""
+    return make_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def model_files(model, tmp_path_factory) -> dict[str, str]:
+    """The same model exported in float32 and float64."""
     folder = tmp_path_factory.mktemp("models")
     files = {}
     for dtype in ("float32", "float64"):
@@ -146,40 +152,93 @@ def triclinic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(model_files, triclinic) -> dict[str, dict[str, np.ndarray]]:
     atoms, _ = triclinic
-    result = {}
-    for dtype, path in model_files.items():
-        calculator = JanusCalculator(path)
-        copy = atoms.copy()
-        copy.calc = calculator
-        result[dtype] = {
-            "energy": np.array(copy.get_potential_energy()),
-            "forces": copy.get_forces(),
-            "stress": copy.get_stress(voigt=True),  # xx yy zz yz xz xy, ASE sign (eV/A^3)
-            "energies": copy.get_potential_energies(),
-        }
-    return result
+    # energy, forces, per-atom energies, stress (xx yy zz yz xz xy, ASE sign, eV/A^3)
+    return {dtype: calculator_results(JanusCalculator(path), atoms) for dtype, path in model_files.items()}
 
 
 # --------------------------------------------------------------------------- accuracy
+def single_point_results(workdir) -> dict[str, np.ndarray]:
+    """Energy, forces, per-atom energies and stress (ASE order and sign, eV/A^3) of a
+    SINGLE_POINT run, as `calculator_results` gives them."""
+    columns, rows = thermo_table((workdir / "log.lammps").read_text())
+    values = dict(zip(columns, rows[0]))
+    dump = np.loadtxt(workdir / "forces.dump", skiprows=9, ndmin=2)
+    # LAMMPS pair pressure (bar, order xx yy zz xy xz yz) = -stress (ASE order xx yy zz yz xz xy)
+    pressure = np.array([values[f"c_pair_virial[{k}]"] for k in range(1, 7)]) / NKTV2P
+    return {"energy": values["PotEng"], "forces": dump[:, 1:4], "energies": dump[:, 4],
+            "stress": -pressure[[0, 1, 2, 5, 4, 3]]}
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_matches_calculator(dtype, ranks, model_files, triclinic, references, tmp_path):
     _, data = triclinic
     script = SINGLE_POINT.format(data=data, model=model_files[dtype], elements=" ".join(ELEMENTS))
     check_ran(run_lammps(script, tmp_path, ranks))
-    columns, rows = thermo_table((tmp_path / "log.lammps").read_text())
-    values = dict(zip(columns, rows[0]))
-    dump = np.loadtxt(tmp_path / "forces.dump", skiprows=9)
-    reference = references[dtype]
-    tolerance = TOLERANCE[dtype]
+    results = single_point_results(tmp_path)
+    for key, expected in references[dtype].items():  # energy, forces, energies, stress
+        assert relative_error(results[key], expected) < TOLERANCE[dtype], key
 
-    assert relative_error(values["PotEng"], reference["energy"]) < tolerance
-    assert relative_error(dump[:, 1:4], reference["forces"]) < tolerance
-    assert relative_error(dump[:, 4], reference["energies"]) < tolerance
-    # LAMMPS pair pressure (bar, order xx yy zz xy xz yz) = -stress (ASE order xx yy zz yz xz xy)
-    pressure = np.array([values[f"c_pair_virial[{k}]"] for k in range(1, 7)]) / NKTV2P
-    stress = -pressure[[0, 1, 2, 5, 4, 3]]
-    assert relative_error(stress, reference["stress"]) < tolerance
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("name", PERIODIC)
+def test_suite_structures_match_calculator(name, ranks, model_files, tmp_path):
+    """The model suite's periodic structures, among them a 2-atom cell smaller than the
+    cutoff (LAMMPS then holds several ghost images of each atom, on each rank)."""
+    atoms = STRUCTURES[name]()
+    elements = sorted(set(atoms.get_chemical_symbols()))
+    write_data(atoms, tmp_path / "structure.data", elements)
+    script = SINGLE_POINT.format(data="structure.data", model=model_files["float64"], elements=" ".join(elements))
+    check_ran(run_lammps(script, tmp_path, ranks))
+    results = single_point_results(tmp_path)
+    for key, expected in calculator_results(JanusCalculator(model_files["float64"]), atoms).items():
+        assert relative_error(results[key], expected) < TOLERANCE["float64"], key
+
+
+PER_ATOM_VIRIAL = HEADER + """compute atom_virial all stress/atom NULL virial
+dump virial all custom 1 virial.dump id c_atom_virial[*]
+dump_modify virial sort id format float %.17g
+run 0
+"""
+
+
+def per_atom_virials(model, atoms) -> np.ndarray:
+    """W_i = -1/2 sum over the edges that touch atom i of sym(r_ij (x) dE/dr_ij) (eV, LAMMPS
+    order xx yy zz xy xz yz): each edge's virial shared equally by its two atoms, so that the
+    sum over atoms is the global virial W = -V * stress. dE/dr_ij: autograd of the model's
+    energy with respect to the edge vectors of `build_graph`."""
+    graph = build_graph(atoms, model.cutoff, dtype=torch.float64)
+    vectors = graph.edge_vectors().detach().requires_grad_(True)
+    out = model(graph.species, graph.edge_index, vectors, graph.batch, graph.num_graphs, False, False, False)
+    (gradient,) = torch.autograd.grad(out["energy"].sum(), vectors)
+    edge_virial = -0.5 * vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)
+    edge_virial = 0.5 * (edge_virial + edge_virial.transpose(1, 2))
+    virial = torch.zeros(len(atoms), 3, 3, dtype=torch.float64)
+    virial = virial.index_add(0, graph.edge_index[0], edge_virial).index_add(0, graph.edge_index[1], edge_virial)
+    rows, columns = [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]
+    return virial[:, rows, columns].numpy()
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_per_atom_virial(ranks, model, model_files, triclinic, references, tmp_path):
+    """`compute stress/atom NULL virial` gives S_i = -W_i * nktv2p per atom (pressure x
+    volume, bar A^3; order xx yy zz xy xz yz), W_i the per-atom virial of `per_atom_virials`;
+    summed over the atoms, sum_i S_i / nktv2p = -W = V * stress (the calculator's, ASE sign).
+    On 2 ranks, the halves of edges ending on ghost atoms reach their owners through
+    LAMMPS's reverse communication."""
+    atoms, data = triclinic
+    expected = per_atom_virials(model, atoms)
+    volume = atoms.get_volume()
+    to_ase_order = [0, 1, 2, 5, 4, 3]
+    stress = references["float64"]["stress"]
+    assert relative_error(-expected.sum(axis=0)[to_ase_order] / volume, stress) < 1e-10  # the reference itself
+    assert np.abs(expected).max() > 1e-3  # per-atom virials are not all zero
+
+    script = PER_ATOM_VIRIAL.format(data=data, model=model_files["float64"], elements=" ".join(ELEMENTS))
+    check_ran(run_lammps(script, tmp_path, ranks))
+    per_atom_stress = np.loadtxt(tmp_path / "virial.dump", skiprows=9)[:, 1:7]  # bar A^3
+    assert relative_error(-per_atom_stress / NKTV2P, expected) < 1e-10
+    assert relative_error(per_atom_stress.sum(axis=0)[to_ase_order] / NKTV2P / volume, stress) < 1e-10
 
 
 def test_python_module_autoloads(model_files, triclinic, references, tmp_path):

@@ -5,7 +5,9 @@ the ghost-free model, adjointness, double-backward gradcheck). The MPI tests lau
 `tests/parallel_worker.py` under `mpirun -np 2` and `-np 4` (oversubscribed): every
 layout's energy, forces, stress and force/stress-loss parameter gradient equal the
 one-process values to 1e-10 (float64), and a halo with a raw collective in its backward
-is shown to give wrong second derivatives.
+is shown to give wrong second derivatives. The parallel ASE calculator's slab domains
+(built without a global graph) reproduce the global graph's edges, and the calculator equals
+the one-process `JanusCalculator` on 1, 2 and 4 ranks through MD steps, rebuilds and errors.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 
 from janus_potential.graph import build_graph
 from janus_potential.parallel import DomainModel, decompose, halo_exchange, halo_plan, halo_reverse
+from janus_potential.parallel.domain import request_halo_plan, slab_domain
 from janus_potential.testing import random_structure
 
-from .conftest import make_model
+from .model_suite import PERIODIC, STRUCTURES, evaluate, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,16 +76,21 @@ def test_decomposition_partitions_atoms_and_edges(structure_graphs, n_domains):
 
 
 def test_single_process_halo_backend_equals_model(structure_graphs):
+    """Reference: the model's `forward` on the ghost-free graph (the model suite's `evaluate`),
+    on these structures and on the suite's periodic ones (one of them a 2-atom cell smaller
+    than the cutoff: many ghost images of each atom)."""
     model = make_model()
-    for graph in structure_graphs:
-        reference = model.compute(graph)
+    suite_graphs = [build_graph(STRUCTURES[name](), model.cutoff, dtype=torch.float64) for name in PERIODIC]
+    for graph in structure_graphs + suite_graphs:
+        reference = evaluate(model, graph)
+        reference_stress = -reference["virial"][0] / float(graph.volumes()[0])
         domain_model = DomainModel.build(model, graph)
         assert domain_model.domain.n_local > domain_model.domain.n_owned  # periodic self-images are ghosts
         out = domain_model(graph.positions, graph.cell[0])
-        assert abs(float(out["energy"].detach()) - float(reference["energy"][0].detach())) < 1e-10
-        torch.testing.assert_close(out["forces"].detach(), reference["forces"][domain_model.domain.owned],
-                                   rtol=0, atol=1e-10)
-        torch.testing.assert_close(out["stress"].detach(), reference["stress"][0].detach(), rtol=0, atol=1e-12)
+        owned = domain_model.domain.owned.numpy()
+        assert abs(float(out["energy"].detach()) - reference["energy"][0]) < 1e-10
+        np.testing.assert_allclose(out["forces"].detach().numpy(), reference["forces"][owned], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(out["stress"].detach().numpy(), reference_stress, rtol=0, atol=1e-12)
 
 
 def test_halo_functions_are_adjoint_and_twice_differentiable(structure_graphs):
@@ -110,3 +118,84 @@ def test_two_ranks_domain_expert_and_data_layouts():
 def test_four_ranks_domains_experts_and_combined_layouts():
     assert_all_ok(run_worker(4, "mesh:1,1,4/2x200", "mesh:1,4,1/4x48", "mesh:1,2,2/2x128", "mesh:2,1,2/2x128",
                              "mesh:2,2,1/4x48"))
+
+
+def edge_keys(centre, neighbour, shift) -> set:
+    """Edges as (centre atom, neighbour atom, integer cell shift) tuples."""
+    shift = np.asarray(shift).round().astype(np.int64)
+    return set(zip(np.asarray(centre).tolist(), np.asarray(neighbour).tolist(), map(tuple, shift.tolist())))
+
+
+@pytest.mark.parametrize("n_domains", [1, 2, 3, 4])
+def test_slab_domains_partition_atoms_and_reproduce_the_graph_edges(n_domains):
+    """Owned atoms partition the structure; the local edges within the cutoff, over all
+    ranks, are the global graph's edges once each (unwrapped positions, triclinic, and a cell
+    smaller than the cutoff); every ghost points at its owner's row of the same atom."""
+    rng = np.random.default_rng(4)
+    frames = [random_structure(["Mg", "Al", "O", "O"], 120, seed=5),
+              random_structure(["Si", "O"], 100, seed=6, cell=np.diag([13.0, 11.0, 12.0])),
+              random_structure(["Si"], 6, seed=7)]
+    cutoff, skin = 4.0, 1.0
+    for atoms in frames:
+        atoms.positions += 6.0 * rng.normal(size=(len(atoms), 3))  # not wrapped into the cell
+        graph = build_graph(atoms, cutoff, dtype=torch.float64)
+        domains = [slab_domain(atoms.positions, atoms.cell.array, atoms.numbers, n_domains, r, cutoff + skin)
+                   for r in range(n_domains)]
+        owned = torch.cat([d.owned for d in domains]).sort().values
+        assert torch.equal(owned, torch.arange(len(atoms)))
+        found = []
+        for d in domains:
+            vectors = DomainModel(None, d, None).edge_vectors(torch.as_tensor(atoms.positions),
+                                                              torch.as_tensor(atoms.cell.array))
+            within = vectors.norm(dim=1) < cutoff
+            found += list(zip(d.atom[d.edge_index[0, within]].tolist(), d.atom[d.edge_index[1, within]].tolist(),
+                              map(tuple, d.edge_shift[within].tolist())))
+            ghosts = torch.arange(d.n_owned, d.n_local)
+            owners = [domains[int(r)] for r in d.owner_rank[ghosts]]
+            assert [int(o.atom[int(i)]) for o, i in zip(owners, d.owner_index[ghosts])] == d.atom[ghosts].tolist()
+        assert len(found) == len(set(found)) == graph.edge_index.shape[1]
+        assert set(found) == edge_keys(graph.edge_index[0], graph.edge_index[1], graph.edge_shift)
+
+
+def test_slab_domain_with_request_plan_equals_model_on_one_process(structure_graphs):
+    model = make_model()
+    for graph in structure_graphs:
+        positions, cell = graph.positions.numpy(), graph.cell[0].numpy()
+        domain = slab_domain(positions, cell, graph.species.numpy(), 1, 0, model.cutoff)
+        out = DomainModel(model, domain, request_halo_plan(domain))(graph.positions, graph.cell[0])
+        reference = model.compute(graph)
+        assert abs(float(out["energy"].detach()) - float(reference["energy"][0].detach())) < 1e-10
+        torch.testing.assert_close(out["forces"].detach(), reference["forces"][domain.owned].detach(),
+                                   rtol=0, atol=1e-10)
+        torch.testing.assert_close(out["stress"].detach(), reference["stress"][0].detach(), rtol=0, atol=1e-12)
+
+
+def test_parallel_calculator_on_one_process_equals_serial_through_md_and_rebuilds():
+    from .parallel_worker import check_ase_errors, check_ase_md
+
+    assert_all_ok([check_ase_md(), check_ase_errors()])
+
+
+def test_parallel_calculator_loads_the_model_once_and_imports_no_cycle(monkeypatch, tmp_path):
+    import ast
+
+    import janus_potential.ase.calculator as calculator_module
+    import janus_potential.io as io_module
+    from janus_potential.ase import JanusCalculator
+
+    model = make_model()
+    model.save_checkpoint(tmp_path / "model.ckpt")
+    loads = []
+    original = io_module.load_model
+    monkeypatch.setattr(io_module, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    calculator = JanusCalculator(str(tmp_path / "model.ckpt"), parallel=True)
+    assert len(loads) == 1 and calculator._parallel.module is calculator.module
+    source = Path(calculator_module.__file__).with_name("parallel.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not {"calculator", "janus_potential.ase", "janus_potential.ase.calculator"} & imported
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_parallel_calculator_on_several_ranks_equals_serial(ranks):
+    assert_all_ok(run_worker(ranks, "ase-md", "ase-errors"))

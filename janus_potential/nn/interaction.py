@@ -9,6 +9,8 @@ domain boundary.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import nn
 
@@ -69,9 +71,10 @@ class InteractionLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, element_embedding: torch.Tensor, geometry: Geometry, num_owned: int = -1
-    ) -> torch.Tensor:
-        """Updated node features. With `num_owned` >= 0, rows from `num_owned` on are ghosts:
-        they are returned unchanged (their halo exchange overwrites them) and skip the MoE."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Updated node features, and the MoE's router probability sum and expert load of the
+        owned rows. With `num_owned` >= 0, rows from `num_owned` on are ghosts: they are
+        returned unchanged (their halo exchange overwrites them) and skip the MoE."""
         centre = geometry.centre
         neighbour = geometry.neighbour
         n_edges = centre.shape[0]
@@ -109,6 +112,7 @@ class InteractionLayer(nn.Module):
         h = h + self.message_out(message)
         if 0 <= num_owned < h.shape[0]:
             owned = h[:num_owned]
-            update = self.moe(self.norm(owned), element_embedding[:num_owned])
-            return torch.cat([owned + update, h[num_owned:]], dim=0)
-        return h + self.moe(self.norm(h), element_embedding)
+            update, probability_sum, load = self.moe(self.norm(owned), element_embedding[:num_owned])
+            return torch.cat([owned + update, h[num_owned:]], dim=0), probability_sum, load
+        update, probability_sum, load = self.moe(self.norm(h), element_embedding)
+        return h + update, probability_sum, load

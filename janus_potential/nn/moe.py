@@ -7,15 +7,16 @@ the current node features. Expert weights are stored stacked ([E, ...]) so that 
 parallelism can shard them along the first axis.
 
 Atoms are grouped by expert once per call (one argsort) and each expert runs one dense
-matmul on its contiguous block. The Switch/GShard load-balancing loss and the per-expert
-load of the latest eager call are kept in `last_balance_loss` / `last_expert_load` for the
-trainer.
+matmul on its contiguous block. The forward returns, besides the update, what the trainer
+needs for the Switch/GShard load-balancing loss: the sum over atoms of the router
+probabilities ([E], differentiable) and the atom-slots routed to each expert ([E], the
+load). Nothing is kept on the module between calls (`balance_loss` combines them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -48,8 +49,6 @@ class MixtureOfExperts(nn.Module):
         self.shared = nn.Sequential(
             nn.Linear(features, shared_hidden), nn.SiLU(), nn.Linear(shared_hidden, features)
         )
-        self.last_balance_loss: Optional[torch.Tensor] = None
-        self.last_expert_load: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor, element_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (expert index [N, k], gate [N, k], router probabilities [N, E])."""
@@ -61,7 +60,8 @@ class MixtureOfExperts(nn.Module):
         gates = torch.softmax(top_logits, dim=-1)
         return top_index, gates, torch.softmax(logits, dim=-1)
 
-    def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(update [N, F], router probability sum [E], expert load [E])."""
         expert_index, gates, probabilities = self.route(x, element_embedding)
         out = self.shared(x)
         flat_expert = expert_index.reshape(-1)
@@ -77,14 +77,14 @@ class MixtureOfExperts(nn.Module):
             pieces.append(torch.addmm(self.b_out[e], hidden, self.w_out[e]))
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
         out = out.index_add(0, atom_of_slot, expert_out)
-        if not torch.jit.is_scripting():
-            self._record_balance(counts, probabilities)
-        return out
+        return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
 
-    @torch.jit.unused
-    def _record_balance(self, counts: torch.Tensor, probabilities: torch.Tensor) -> None:
-        slots = counts.sum().clamp(min=1)
-        fraction = counts.to(probabilities.dtype) / slots
-        mean_probability = probabilities.mean(dim=0)
-        self.last_balance_loss = self.num_experts * torch.sum(fraction * mean_probability)
-        self.last_expert_load = counts.detach()
+
+def balance_loss(router_probability_sum: torch.Tensor, expert_load: torch.Tensor, num_atoms: float) -> torch.Tensor:
+    """Switch/GShard load-balancing loss summed over layers, E * sum_e f_e P_e per layer, from
+    the per-layer sums the model returns ([L, E] each): f_e the fraction of atom-slots routed
+    to expert e (no gradient), P_e the mean router probability of e over `num_atoms` atoms.
+    Equals 1 per layer for a perfectly balanced router."""
+    num_experts = expert_load.shape[-1]
+    fraction = expert_load.detach() / expert_load.detach().sum(dim=-1, keepdim=True).clamp(min=1)
+    return num_experts * (fraction * router_probability_sum).sum() / max(float(num_atoms), 1.0)

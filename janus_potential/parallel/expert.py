@@ -12,7 +12,7 @@ parameter gradients (second derivatives) are exact through the dispatch.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,13 +69,12 @@ class ExpertParallelMoE(nn.Module):
             weight = nn.Parameter(getattr(moe, name).detach()[shard].clone())
             weight.expert_shard = True
             setattr(self, name, weight)
-        self.last_balance_loss: Optional[torch.Tensor] = None
-        self.last_expert_load: Optional[torch.Tensor] = None
 
     route = MixtureOfExperts.route
-    _record_balance = MixtureOfExperts._record_balance
 
-    def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(update, router probability sum [E], expert load [E]) of this rank's rows, as
+        `MixtureOfExperts.forward` returns them."""
         expert_index, gates, probabilities = self.route(x, element_embedding)
         out = self.shared(x)
         flat_expert = expert_index.reshape(-1)
@@ -101,8 +100,7 @@ class ExpertParallelMoE(nn.Module):
         computed = torch.cat(pieces, dim=0).index_select(0, torch.argsort(by_expert))
         returned = AllToAll.apply(computed, recv_counts, send_counts, self.group)
         out = out.index_add(0, atom_of_slot, returned * gate_of_slot)
-        self._record_balance(counts, probabilities)
-        return out
+        return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
 
 
 def shard_experts(model: nn.Module, group: Optional[dist.ProcessGroup]) -> nn.Module:

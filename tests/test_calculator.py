@@ -1,0 +1,106 @@
+"""`JanusCalculator`'s neighbour list: reused while every atom moved less than half the skin,
+rebuilt after, and atoms that enter the cutoff from the skin shell are counted.
+
+Reference: a fresh calculator (its own neighbour list, built at the current positions) on
+the same structure, float64. Neighbour searches are counted by wrapping
+`janus_potential.graph.neighbor_pairs` where the calculator looks it up.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+import janus_potential.graph
+from janus_potential.ase import JanusCalculator
+
+from .model_suite import assert_results_match, calculator_results, make_model, triclinic
+
+SKIN = 1.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("tiny")
+
+
+@pytest.fixture
+def searches(monkeypatch) -> list[int]:
+    """One entry per neighbour search made by any calculator (the number of pairs found)."""
+    calls: list[int] = []
+    original = janus_potential.graph.neighbor_pairs
+
+    def counted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(len(result[0]))
+        return result
+
+    calculator_module = sys.modules[JanusCalculator.__module__]
+    for module in (janus_potential.graph, calculator_module):
+        if hasattr(module, "neighbor_pairs"):
+            monkeypatch.setattr(module, "neighbor_pairs", counted)
+    return calls
+
+
+def fresh_results(model, atoms: Atoms) -> dict[str, np.ndarray]:
+    return calculator_results(JanusCalculator(model, skin=SKIN), atoms)
+
+
+def counted_results(calculator, atoms: Atoms, searches: list[int]) -> tuple[dict[str, np.ndarray], int]:
+    """The calculator's results and the number of neighbour searches it made for them."""
+    before = len(searches)
+    results = calculator_results(calculator, atoms)
+    return results, len(searches) - before
+
+
+def displaced(atoms: Atoms, largest: float, seed: int) -> Atoms:
+    """Every atom moved in a random direction by at most `largest` (atom 0 by exactly that)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(atoms), 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    lengths = largest * rng.uniform(0.2, 1.0, size=len(atoms))
+    lengths[0] = largest
+    moved = atoms.copy()
+    moved.positions += directions * lengths[:, None]
+    return moved
+
+
+def test_reused_within_half_the_skin_and_rebuilt_beyond(model, searches):
+    built_at = triclinic()
+    calculator = JanusCalculator(model, skin=SKIN)
+    _, count = counted_results(calculator, built_at, searches)
+    assert count == 1
+    neighbors = calculator._neighbors
+    for step, largest in enumerate([0.2, 0.35, 0.49]):  # from where the list was built
+        moved = displaced(built_at, largest, seed=step)
+        results, count = counted_results(calculator, moved, searches)
+        assert count == 0 and calculator._neighbors is neighbors, f"list rebuilt after moves of up to {largest} A"
+        assert_results_match(results, fresh_results(model, moved), rtol=1e-12)
+    moved = built_at.copy()
+    moved.positions[5] += [0.0, 0.3, -0.45]  # 0.54 A: more than half the skin
+    results, count = counted_results(calculator, moved, searches)
+    assert count == 1 and calculator._neighbors is not neighbors
+    assert_results_match(results, fresh_results(model, moved), rtol=1e-12)
+
+
+def test_atoms_entering_the_cutoff_from_the_skin_are_counted(model, searches):
+    """An O atom 0.2 A beyond the cutoff of a Cu atom moves 0.45 A towards it: the list is
+    not rebuilt, and the pair now interacts exactly as for a fresh calculator."""
+    cutoff = model.cutoff
+    atoms = Atoms("CuOSi", positions=[[0.0, 0.0, 0.0], [cutoff + 0.2, 0.0, 0.0], [-1.2, 1.6, 0.0]])
+    calculator = JanusCalculator(model, skin=SKIN)
+    before, count = counted_results(calculator, atoms, searches)
+    assert count == 1 and searches[-1] == 4  # Cu-O (in the skin) and Cu-Si, both directions
+    atoms.positions[1, 0] = cutoff - 0.25
+    after, count = counted_results(calculator, atoms, searches)
+    assert count == 0
+    assert_results_match(after, fresh_results(model, atoms), rtol=1e-12)
+    assert abs(after["energy"] - before["energy"]) > 1e-6  # Cu-O now counts
+    assert np.abs(after["forces"][1]).max() > 1e-6
+    atoms.positions[1, 0] = cutoff + 0.2  # and leaves again: nothing left over
+    again, count = counted_results(calculator, atoms, searches)
+    assert count == 0
+    assert_results_match(again, before, rtol=1e-12)

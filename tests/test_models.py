@@ -1,0 +1,18 @@
+"""The model test suite (`tests/model_suite.py`) on each model configuration."""
+
+from .model_suite import ModelTests
+
+
+class TestTiny(ModelTests):
+    preset = "tiny"
+
+
+class TestSmall(ModelTests):
+    preset = "small"
+
+
+class TestMixtureOfExperts(ModelTests):
+    """Several experts per atom, routed on the atom's features as well as its element."""
+
+    preset = "tiny"
+    overrides = {"num_experts": 6, "experts_per_atom": 3, "router_uses_features": True}
