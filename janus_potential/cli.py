@@ -1,7 +1,7 @@
 """Library subcommands of the `janus` command: `export` and `info`.
 
 The `janus` console script is the training application's (`janus_potential.training.cli`),
-which adds `train` and `eval` and lets `export` read training checkpoints; the library
+which adds `train`, `eval` and `pack` and lets `export` read training checkpoints; the library
 never imports the training package (DESIGN.md's arrows). `python -m janus_potential` runs
 these library commands alone.
 """

@@ -19,7 +19,8 @@ import torch
 from ase.io import write
 
 from janus_potential.parallel.mesh import MeshError, ProcessMesh
-from janus_potential.training.distributed import DistributedTrainConfig, split_by_atoms
+from janus_potential.training.config import TrainConfig
+from janus_potential.training.distributed import split_by_atoms
 
 from .test_training import labelled_structures
 
@@ -74,10 +75,10 @@ def test_split_by_atoms_balances_and_keeps_every_structure():
 
 
 def test_parallel_config_section_and_mesh_error():
-    config = DistributedTrainConfig.load(None, ["parallel.dp=2", "parallel.bucket_mb=1"])
+    config = TrainConfig.load(None, ["parallel.dp=2", "parallel.bucket_mb=1"])
     assert config.parallel.dp == 2 and config.parallel.bucket_mb == 1.0
     with pytest.raises(ValueError, match="unknown config key parallel.nope"):
-        DistributedTrainConfig.load(None, ["parallel.nope=1"])
+        TrainConfig.load(None, ["parallel.nope=1"])
     with pytest.raises(MeshError, match="does not match the 1 launched"):
         ProcessMesh.create(dp=2)
 

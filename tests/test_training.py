@@ -16,9 +16,10 @@ from janus_potential import JanusInputError, build_graph
 from janus_potential.ase import JanusCalculator
 from janus_potential.testing import random_structure
 from janus_potential.training.config import LossConfig, TrainConfig
-from janus_potential.training.data import Sample, atom_budget_batches, collate, load_dataset, read_samples
+from janus_potential.training.data import FrameSamples, Sample, atom_budget_batches, collate
 from janus_potential.training.loss import loss_terms, predict
-from janus_potential.training.trainer import fit_reference_energies
+from janus_potential.training.pack import Composition, PackedFrames, pack_files
+from janus_potential.training.statistics import fit_reference_energies
 
 from .conftest import make_model
 
@@ -122,9 +123,11 @@ def test_reference_energies_recover_a_composition_model():
     model = make_model()
     true = {3: -1.9, 12: -1.5, 8: -4.9}
     samples = samples_of(labelled_structures(5), model)
-    for sample in samples:
-        sample.energy = sum(true[int(z)] for z in sample.graph.species)
-    reference = fit_reference_energies(samples)
+    counts = [np.unique(sample.graph.species.numpy(), return_counts=True) for sample in samples]
+    composition = Composition(np.cumsum([0] + [len(z) for z, _ in counts]), np.concatenate([z for z, _ in counts]),
+                              np.concatenate([n for _, n in counts]))
+    energy = np.array([sum(true[int(z)] for z in sample.graph.species) for sample in samples])
+    reference = fit_reference_energies(composition, energy)
     for z, value in true.items():
         assert reference[z].item() == pytest.approx(value, abs=1e-9)
 
@@ -144,26 +147,30 @@ def test_data_errors(tmp_path):
     unlabelled = tmp_path / "unlabelled.xyz"
     write(unlabelled, [a.copy() for a in frames])
     with pytest.raises(JanusInputError, match="no frame has an energy"):
-        read_samples(unlabelled, 4.0)
+        pack_files([unlabelled], tmp_path / "a")
     bad = frames[0].copy()
     bad.calc = SinglePointCalculator(bad, energy=float("nan"), forces=frames[0].get_forces())
     nonfinite = tmp_path / "nonfinite.xyz"
-    write(nonfinite, [bad])
-    with pytest.raises(JanusInputError, match="non-finite energy"):
-        read_samples(nonfinite, 4.0)
+    write(nonfinite, [frames[1], bad])
+    with pytest.raises(JanusInputError, match="nonfinite.xyz: frame 1 has non-finite energy"):
+        pack_files([nonfinite], tmp_path / "b")
     with pytest.raises(JanusInputError, match="does not exist"):
-        read_samples(tmp_path / "missing.xyz", 4.0)
-    good = tmp_path / "good.xyz"
-    write(good, frames)
-    with pytest.raises(JanusInputError, match=r"element\(s\) \[3\] the model does not cover"):
-        load_dataset([str(good)], 4.0, None, supported_elements=[8, 12])
+        pack_files([tmp_path / "missing.xyz"], tmp_path / "c")
     strange = frames[0].copy()
     strange.numbers[0] = 0
     strange.calc = SinglePointCalculator(strange, energy=1.0)
     unknown = tmp_path / "unknown.xyz"
     write(unknown, [strange])
     with pytest.raises(JanusInputError, match="unknown element"):
-        read_samples(unknown, 4.0)
+        pack_files([unknown], tmp_path / "d")
+    overlapping = frames[0].copy()
+    overlapping.positions[1] = overlapping.positions[0] + 0.05
+    overlapping.calc = SinglePointCalculator(overlapping, energy=1.0)
+    close = tmp_path / "close.xyz"
+    write(close, [overlapping])
+    with pytest.raises(JanusInputError, match="close.xyz: frame 0: overlapping atoms: atoms 0 and 1"):
+        pack_files([close], tmp_path / "e")
+    assert not any((tmp_path / name).exists() for name in "abcde")  # a failed pack leaves nothing
 
 
 def test_frames_missing_labels_are_read(tmp_path):
@@ -172,9 +179,11 @@ def test_frames_missing_labels_are_read(tmp_path):
     only_energy.calc = SinglePointCalculator(only_energy, energy=frames[1].get_potential_energy())
     path = tmp_path / "mixed.xyz"
     write(path, [frames[0], only_energy])
-    samples = read_samples(path, 4.0)
+    pack_files([path], tmp_path / "pack")
+    samples = FrameSamples(PackedFrames([tmp_path / "pack"]), np.arange(2), 4.0, torch.float64)
     assert samples[0].has_forces and samples[0].has_stress
     assert samples[1].has_energy and not samples[1].has_forces and not samples[1].has_stress
+    assert torch.isnan(samples[1].forces).all() and torch.isnan(samples[1].stress).all()
 
 
 def test_eval_reports_known_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""The `janus` command: the library's `export`/`info` plus `train` and `eval`."""
+"""The `janus` command: the library's `export`/`info` plus `train`, `eval` and `pack`."""
 
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ def _train(args: argparse.Namespace) -> int:
     _require_training_extra("train")
     from janus_potential.export import export_model
 
-    from .distributed import load_train_config, make_trainer
+    from .config import TrainConfig
+    from .trainer import Trainer
     from .evaluate import format_table
 
-    config = load_train_config(args.config, args.set)
-    trainer = make_trainer(config, resume=args.resume)
-    is_main = getattr(trainer, "is_main", True)
+    config = TrainConfig.load(args.config, args.set)
+    trainer = Trainer(config, resume=args.resume)
+    is_main = trainer.is_main
     if args.resume and is_main:
         _report_resume(trainer)
     summary = trainer.fit()
@@ -61,6 +62,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    _require_training_extra("pack")
+    from .pack import pack_files
+
+    manifest = pack_files(args.inputs, args.output, append=args.append, progress=True)
+    statistics = manifest["statistics"]
+    size = sum(shard["bytes"] for shard in manifest["shards"])
+    print(f"{'appended to' if args.append else 'wrote'} {args.output}: {manifest['frames']:,} frames, "
+          f"{manifest['atoms']:,} atoms, {len(manifest['elements'])} elements, {len(manifest['inputs'])} file(s), "
+          f"{len(manifest['shards'])} shard(s), {size / 1e6:.1f} MB; labelled: energy {statistics['energy_frames']:,} "
+          f"frames, forces {statistics['force_atoms']:,} atoms, stress {statistics['stress_frames']:,} frames")
+    return 0
+
+
 def add_training_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (defaults for every missing key)")
@@ -79,6 +94,12 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--by", choices=["source", "file"], default="source",
                           help="group errors by the frames' info['source'] (default) or by data file")
     evaluate.set_defaults(handler=_eval)
+
+    pack = sub.add_parser("pack", help="pack ASE-readable data files into a folder training reads by random access")
+    pack.add_argument("inputs", nargs="+", metavar="INPUT", help="ASE-readable files (extended XYZ, ASE databases)")
+    pack.add_argument("-o", "--output", required=True, metavar="DIR", help="the packed dataset's folder")
+    pack.add_argument("--append", action="store_true", help="add the files to the existing pack DIR")
+    pack.set_defaults(handler=_pack)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

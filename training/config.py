@@ -126,9 +126,11 @@ class DataConfig:
     validation: list[str] = field(default_factory=list)  # empty: split off `validation_fraction`
     validation_fraction: float = 0.1
     split_seed: int = 0
-    cache_dir: str = "runs/cache"
+    cache_dir: str = "runs/cache"  # packs of plain data files (empty: a temporary folder per run)
     max_atoms_per_batch: int = 256
     max_structures: int = 0  # 0: all
+    num_workers: int = 2  # DataLoader processes building graphs (at most the cores; 0: the training process)
+    prefetch_factor: int = 2  # batches each worker keeps ready
 
 
 @dataclass
@@ -174,15 +176,26 @@ class RunConfig:
     progress_every_s: float = 30.0
 
 
+@dataclass
+class ParallelConfig:
+    """The dp x ep x dd process mesh (docs/parallel.md); all 1 on one process."""
+
+    dp: int = 1  # data-parallel replicas
+    ep: int = 1  # expert-parallel shards (janus_potential.parallel.expert)
+    dd: int = 1  # spatial domains (janus_potential.parallel.domain)
+    bucket_mb: float = 8.0  # gradient all-reduce bucket size
+
+
 # (requirement, test, keys): the numeric keys that must pass `test`
 RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
     ("positive", lambda value: value > 0,
-     ("data.max_atoms_per_batch", "optim.lr", "optim.grad_clip", "loss.huber_delta", "run.log_every",
-      "run.checkpoint_every", "run.progress_every_s")),
+     ("data.max_atoms_per_batch", "data.prefetch_factor", "optim.lr", "optim.grad_clip", "loss.huber_delta",
+      "run.log_every", "run.checkpoint_every", "run.progress_every_s", "parallel.dp", "parallel.ep", "parallel.dd",
+      "parallel.bucket_mb")),
     ("zero or positive", lambda value: value >= 0,
-     ("data.max_structures", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps", "optim.epochs",
-      "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight", "run.threads",
-      "run.max_minutes")),
+     ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps",
+      "optim.epochs", "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
+      "run.threads", "run.max_minutes")),
     ("between 0 and 1", lambda value: 0 <= value <= 1,
      ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
 )
@@ -198,6 +211,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

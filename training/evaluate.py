@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, Sequence
 
+import numpy as np
 import torch
 
 from janus_potential.elements import number_to_symbol
@@ -11,41 +13,45 @@ from janus_potential.errors import JanusInputError
 from janus_potential.io import load_for_inference
 from janus_potential.model import evaluate as evaluate_model
 
-from .data import Sample, atom_budget_batches, collate, load_dataset
+from .data import FrameSamples, atom_budget_batches, collate
+from .loader import sample_loader, worker_count
 from .loss import ErrorMetrics
+from .pack import PackedFrames, open_dataset
 
 
-def covered_samples(samples: list[Sample], elements: Sequence[int], skip: bool) -> tuple[list[Sample], int]:
-    """The samples whose elements the model covers; frames with other elements are an error
-    naming them, or skipped and counted when `skip` is true."""
-    covered = set(int(z) for z in elements)
-    kept, missing = [], set()
-    for sample in samples:
-        unknown = set(sample.graph.species.tolist()) - covered
-        if unknown:
-            missing |= unknown
-        else:
-            kept.append(sample)
-    if missing and not skip:
-        names = ", ".join(number_to_symbol(z) for z in sorted(missing))
-        raise JanusInputError(f"{len(samples) - len(kept)} of {len(samples)} structures contain element(s) the model "
+def covered_frames(frames: PackedFrames, elements: Sequence[int], skip: bool) -> tuple[np.ndarray, int]:
+    """The frames (indices) whose elements the model covers, read from the packs'
+    compositions; frames with other elements are an error naming them, or skipped and
+    counted when `skip` is true."""
+    covered = np.asarray(sorted(int(z) for z in elements), dtype=np.int64)
+    composition = frames.composition()
+    outside = ~np.isin(composition.element, covered)
+    entries_outside = np.concatenate([[0], np.cumsum(outside)])
+    kept = np.nonzero(entries_outside[composition.offset[1:]] == entries_outside[composition.offset[:-1]])[0]
+    skipped = len(frames) - len(kept)
+    if skipped and not skip:
+        names = ", ".join(number_to_symbol(int(z)) for z in np.unique(composition.element[outside]))
+        raise JanusInputError(f"{skipped} of {len(frames)} structures contain element(s) the model "
                               f"does not cover: {names} (the model covers "
-                              f"{', '.join(number_to_symbol(z) for z in sorted(covered))}); "
+                              f"{', '.join(number_to_symbol(int(z)) for z in covered)}); "
                               "pass --skip-unsupported to leave them out")
-    return kept, len(samples) - len(kept)
+    return kept, skipped
 
 
 def evaluate(model_path: str, data: Sequence[str], max_atoms_per_batch: int = 512, progress: bool = False,
-             cache_dir: str | None = None, group_by: str = "source",
-             skip_unsupported: bool = False) -> Dict[str, Any]:
-    """Errors of the model per group; with `skip_unsupported`, frames with elements the model
-    does not cover are left out and counted under `skipped_frames` of the "all" group."""
+             cache_dir: str | None = None, group_by: str = "source", skip_unsupported: bool = False,
+             num_workers: int = 2) -> Dict[str, Any]:
+    """Errors of the model per group, streaming the data (packed folders or plain files,
+    packed on the way); with `skip_unsupported`, frames with elements the model does not
+    cover are left out and counted under `skipped_frames` of the "all" group."""
     model = load_for_inference(model_path)
-    samples = load_dataset(list(data), model.cutoff, cache_dir, model.dtype, progress=progress)
-    samples, skipped = covered_samples(samples, model.elements, skip_unsupported)
+    frames = open_dataset(list(data), cache_dir, progress, stream=sys.stderr)
+    kept, skipped = covered_frames(frames, model.elements, skip_unsupported)
+    samples = FrameSamples(frames, kept, model.cutoff, model.dtype)
+    batches = atom_budget_batches(samples.sizes, max_atoms_per_batch, 0, 0, shuffle=False)
     metrics = ErrorMetrics(group_by)
-    for indices in atom_budget_batches([s.num_atoms for s in samples], max_atoms_per_batch, 0, 0, shuffle=False):
-        batch = collate([samples[k] for k in indices])
+    for batch_samples in sample_loader(samples, batches, min(worker_count(num_workers), len(batches)), 2):
+        batch = collate(batch_samples)
         with torch.enable_grad():
             compute_virial = bool(batch.has_stress.any())
             graph = batch.graph

@@ -1,9 +1,10 @@
-"""Training progress on stdout: a tqdm bar on a terminal, plain lines in a log file.
+"""Progress on stdout: a tqdm bar on a terminal, plain lines in a log file.
 
 A bar redraws itself with carriage returns, which a log file keeps as one endless line;
 when stdout is not a terminal the progress is one plain line every `every_s` seconds
-(the first after the first step, the last at the end) with the step, epoch, loss,
-learning rate, atoms/s and the time left.
+(the first after the first item, the last at the end): for training the step, epoch,
+loss, learning rate, atoms/s and the time left (`TrainingProgress`); for a loop of unknown
+length such as packing a file, the count and rate (`ItemProgress`).
 """
 
 from __future__ import annotations
@@ -78,4 +79,49 @@ class TrainingProgress:
         if self.bar is not None:
             self.bar.close()
         elif self.unprinted is not None:
+            self._print()
+
+
+class ItemProgress:
+    """Progress of a loop whose length is not known in advance (frames streamed from a
+    file): a tqdm bar when `stream` is a terminal, otherwise a plain line every `every_s`
+    seconds with the count, the rate and the extra counts given to `update`; nothing when
+    not `enabled`."""
+
+    def __init__(self, enabled: bool, description: str, unit: str, every_s: float = 30.0,
+                 stream: Optional[TextIO] = None) -> None:
+        self.stream = stream or sys.stdout
+        self.description, self.unit, self.every_s = description, unit, every_s
+        on_terminal = self.stream.isatty()
+        self.bar = tqdm(desc=description, unit=f" {unit}", file=self.stream, leave=False) \
+            if enabled and on_terminal else None
+        self.plain = enabled and not on_terminal
+        self.count = 0
+        self.extra: dict = {}
+        self.started = time.perf_counter()
+        self.printed_at = -math.inf
+        self.unprinted = False
+
+    def update(self, n: int = 1, **extra: int) -> None:
+        self.count += n
+        self.extra = extra
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.plain:
+            self.unprinted = True
+            if time.perf_counter() - self.printed_at >= self.every_s:
+                self._print()
+
+    def _print(self) -> None:
+        self.unprinted = False
+        self.printed_at = time.perf_counter()
+        rate = self.count / max(self.printed_at - self.started, 1e-9)
+        extra = "".join(f"  {value} {key}" for key, value in self.extra.items())
+        print(f"{self.description}: {self.count} {self.unit}{extra}  ({rate:.0f} {self.unit}/s)", file=self.stream,
+              flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.unprinted:
             self._print()

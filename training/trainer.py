@@ -1,8 +1,34 @@
-"""Single-process trainer: AdamW, warm-up + cosine, clipping, EMA, checkpoints, exact resume.
+"""The trainer: AdamW, warm-up + cosine, clipping, EMA, checkpoints, exact resume, on one
+process or a dp x ep x dd mesh of them (`mpirun -np N janus train CONFIG --set
+parallel.dp=..`, or torchrun).
+
+One process is a world of one: the same step runs everywhere, and every collective (the
+label-count and expert-load sums, the gradient sums, the metric gathers, the barriers) is
+skipped when the world has one rank. Exact equivalence with one process on the same
+global batch:
+- every rank draws the same global batch (`atom_budget_batches`, a pure function of seed
+  and epoch); the dp x ep "data ranks" take parts balanced by atom count
+  (`split_by_atoms`); the dd ranks of one domain group share their part and split every
+  structure of it spatially (`DomainModel`: owned atoms plus a one-cutoff halo);
+- expert parallel (ep): the experts of every MoE layer are sharded over the ep group
+  (`shard_experts`); each rank trains and keeps AdamW/EMA state for its shard only;
+- the label counts that normalise each loss term (energy frames, force atoms, stress
+  frames, all weighted; per-structure counts as 1/dd shares, atoms as OWNED atoms) are
+  summed over all ranks first, and each rank's *summed* loss is divided by those GLOBAL
+  counts; the MoE balance loss comes from the routing sums the model returns, with the
+  GLOBAL expert loads;
+- gradients are SUMMED by `GradientReducer` (dense parameters over the world, expert
+  shards over the ranks holding the same shard), overlapped with the backward pass; the
+  clipping norm includes every shard.
+Rank 0 writes logs and checkpoints; a checkpoint holds the FULL (gathered) model, EMA and
+optimizer state and only global progress, so a run resumes on any number of ranks and in
+any layout, and exports like a one-process run.
 
 The step order is fixed so that a resumed run repeats the uninterrupted one bit for bit:
 batches of an epoch are a pure function of (seed, epoch); the checkpoint stores the
 position in the epoch, the optimizer/EMA states, the step time spent and the RNG states.
+Samples stream from packed data through DataLoader workers (`training/loader.py`) in that
+order, from the checkpoint's batch on; the trainer itself holds only per-frame atom counts.
 """
 
 from __future__ import annotations
@@ -10,68 +36,46 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from janus_potential.elements import MAX_ATOMIC_NUMBER
 from janus_potential.errors import JanusInputError
 from janus_potential.model import DTYPES, JanusPotential
+from janus_potential.nn.moe import balance_loss
+from janus_potential.parallel.domain import DomainModel
+from janus_potential.parallel.expert import (expert_shards, full_state_dict, gather_shard, is_expert_shard,
+                                             local_shard, shard_experts, sharded_state_dict)
+from janus_potential.parallel.mesh import ProcessMesh
 
 from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig
-from .data import Sample, atom_budget_batches, collate, load_dataset, split
+from .data import Batches, FrameSamples, Sample, atom_budget_batches, collate, split_indices
+from .distributed import ForwardPass, OwnedAtoms, gradient_reducers, split_by_atoms
+from .loader import sample_loader, worker_count
 from .loss import ErrorMetrics, loss_terms, predict
-from .progress import TrainingProgress, stderr_bars
+from .pack import open_dataset
+from .progress import TrainingProgress
 from .schedule import ExponentialMovingAverage, warmup_cosine
-
-
-
-def fit_reference_energies(samples: list[Sample], huber_delta: float = 0.1, iterations: int = 20) -> torch.Tensor:
-    """Per-element energies: a robust least-squares fit of energy per atom on composition.
-
-    Rows are per atom (so large cells do not dominate) and reweighted as in a Huber fit
-    (iteratively reweighted least squares), so that a few very high-energy structures (high
-    pressure/temperature data) do not shift every element's reference. An exact composition
-    model is recovered exactly.
-    """
-    labelled = [s for s in samples if s.has_energy]
-    if not labelled:
-        return torch.zeros(MAX_ATOMIC_NUMBER + 1, dtype=torch.float64)
-    counts = np.zeros((len(labelled), MAX_ATOMIC_NUMBER + 1))
-    for row, sample in enumerate(labelled):
-        np.add.at(counts[row], sample.graph.species.numpy(), 1)
-    n_atoms = counts.sum(axis=1, keepdims=True)
-    present = counts.sum(axis=0) > 0
-    design = counts[:, present] / n_atoms
-    target = np.array([s.energy for s in labelled]) / n_atoms[:, 0]
-    weights = np.ones(len(target))
-    for _ in range(iterations):
-        root = np.sqrt(weights)
-        solution, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
-        residual = np.abs(target - design @ solution)
-        weights = np.where(residual < huber_delta, 1.0, huber_delta / np.maximum(residual, 1e-12))
-    reference = np.zeros(MAX_ATOMIC_NUMBER + 1)
-    reference[present] = solution
-    return torch.as_tensor(reference)
-
-
-def force_scale(samples: list[Sample]) -> float:
-    """Mean absolute force component: the scale of the learned per-atom energy. The mean
-    absolute value, not the RMS, so that a few structures with forces of tens of eV/A (high
-    pressure data) do not inflate the scale for everything else."""
-    forces = [s.forces for s in samples if s.has_forces]
-    if not forces:
-        return 1.0
-    return float(torch.cat(forces).double().abs().mean().clamp(min=1e-3))
+from .statistics import fit_reference_energies, force_scale
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
         config.validate()
         self.config = config
+        parallel = config.parallel
+        self.mesh = ProcessMesh.create(parallel.dp, parallel.ep, parallel.dd)
+        self.rank, self.world = self.mesh.rank, self.mesh.world_size
+        self.data_rank = self.mesh.dp_index * self.mesh.ep + self.mesh.ep_index
+        self.data_ranks = self.mesh.dp * self.mesh.ep
+        self._domains: Dict[int, DomainModel] = {}
+        if not self.is_main:
+            config.run.progress = False
         run = config.run
         if run.threads:
             torch.set_num_threads(run.threads)
@@ -105,42 +109,84 @@ class Trainer:
         self.log_path = self.output / "metrics.jsonl"
         if resume:
             self._truncate_log()
-        self.tensorboard = self._tensorboard() if run.tensorboard else None
+        self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
+        self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh.ep > 1
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     # ----------------------------------------------------------------- set-up
     def _build_model(self) -> JanusPotential:
-        """The model to train (the distributed trainer shards its experts here, before the
-        optimizer sees the parameters)."""
-        return JanusPotential.from_preset(self.config.model.preset, **self.config.model.overrides).to(self.dtype)
+        """The model to train, its experts sharded over the ep group before the optimizer sees
+        the parameters."""
+        model = JanusPotential.from_preset(self.config.model.preset, **self.config.model.overrides).to(self.dtype)
+        ep = self.mesh.ep
+        if model.config.num_experts % ep:
+            raise JanusInputError(f"parallel.ep={ep} does not divide the {model.config.num_experts} experts per layer "
+                                  f"of preset {self.config.model.preset!r}")
+        names = [name for name, _ in model.named_parameters()]
+        model = shard_experts(model, self.mesh.ep_group)
+        # checkpoints index optimizer state by parameter position: the shards keep the order
+        assert [name for name, _ in model.named_parameters()] == names
+        return model
 
     def _load_data(self) -> None:
-        data = self.config.data
+        """The training and validation sets as frame indices into packed data (plain files
+        are packed into `data.cache_dir` on first use, by rank 0 before the others look)."""
+        if self.rank != 0:
+            self._barrier()
+        self._open_data()
+        if self.rank == 0:
+            self._barrier()
+
+    def _open_data(self) -> None:
+        data, run = self.config.data, self.config.run
         cutoff = self.model.cutoff
-        samples = load_dataset(data.train, cutoff, data.cache_dir, self.dtype,
-                               progress=stderr_bars(self.config.run.progress))
-        if data.max_structures:
-            samples = samples[: data.max_structures]
+        frames = open_dataset(data.train, data.cache_dir, run.progress, run.progress_every_s)
+        count = min(len(frames), data.max_structures) if data.max_structures else len(frames)
         if data.validation:
-            self.train_samples = samples
-            self.validation_samples = load_dataset(data.validation, cutoff, data.cache_dir, self.dtype)
+            train = np.arange(count)
+            validation_frames = open_dataset(data.validation, data.cache_dir, run.progress, run.progress_every_s)
+            validation = np.arange(len(validation_frames))
         else:
-            self.train_samples, self.validation_samples = split(samples, data.validation_fraction, data.split_seed)
-        if not self.train_samples:
+            train, validation = split_indices(count, data.validation_fraction, data.split_seed)
+            validation_frames = frames
+        self.train_samples = FrameSamples(frames, train, cutoff, self.dtype)
+        self.validation_samples = FrameSamples(validation_frames, validation, cutoff, self.dtype)
+        if not len(self.train_samples):
             raise JanusInputError("the training set is empty")
-        self.sizes = [s.num_atoms for s in self.train_samples]
-        too_big = max(self.sizes)
+        self.sizes = self.train_samples.sizes
+        self.num_workers = worker_count(data.num_workers)
+        too_big = int(self.sizes.max())
         if too_big > data.max_atoms_per_batch:
             print(f"note: a structure of {too_big} atoms exceeds max_atoms_per_batch; it forms its own batch")
 
     def _initialise_statistics(self) -> None:
+        """Reference energies, energy scale and element coverage from the packs' per-frame
+        statistics (no pass over the frames)."""
+        samples = self.train_samples
+        has_labels = samples.column("has_labels")
+        with_energy = np.nonzero(has_labels[:, 0])[0]
+        with_forces = has_labels[:, 1]
         with torch.no_grad():
-            reference = fit_reference_energies(self.train_samples)
+            reference = fit_reference_energies(samples.composition().rows(with_energy),
+                                               samples.column("energy")[with_energy])
             self.model.reference_energies.copy_(reference.to(self.dtype))
-            self.model.energy_scale.fill_(force_scale(self.train_samples))
+            self.model.energy_scale.fill_(force_scale(samples.column("force_abs_sum")[with_forces],
+                                                      samples.sizes[with_forces]))
             if self.config.model.restrict_elements:
                 seen = torch.zeros_like(self.model.supported)
-                for sample in self.train_samples + self.validation_samples:
-                    seen[sample.graph.species] = True
+                elements = np.union1d(samples.elements(), self.validation_samples.elements())
+                seen[torch.as_tensor(elements, dtype=torch.long)] = True
                 self.model.supported.copy_(seen)
 
     def _tensorboard(self):
@@ -150,12 +196,35 @@ class Trainer:
             raise JanusInputError("run.tensorboard is true but the tensorboard package is not installed") from exc
         return SummaryWriter(str(self.output / "tensorboard"))
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> Batches:
         return atom_budget_batches(self.sizes, self.config.data.max_atoms_per_batch, self.config.run.seed, epoch)
 
+    def _planned_batches(self) -> Iterator[list[int]]:
+        """Every batch from the current position on: the rest of this epoch, then the next
+        epochs (the loader prefetches across an epoch's end)."""
+        epoch, start = self.epoch, self.batch_in_epoch
+        while True:
+            batches = self._epoch_batches(epoch)
+            for b in range(start, len(batches)):
+                yield batches[b]
+            epoch, start = epoch + 1, 0
+
     # ----------------------------------------------------------------- checkpoints
+    def _optimizer_state(self, state: Dict[str, Any], convert) -> Dict[str, Any]:
+        """The optimizer state dict with every expert-shard tensor passed through
+        `convert(tensor, moe)` (gather to full, or cut to this rank's shard)."""
+        shards = expert_shards(self.model)
+        names = [name for name, _ in self.model.named_parameters()]
+        converted = {}
+        for index, values in state["state"].items():
+            moe = shards.get(names[index])
+            converted[index] = {key: convert(value, moe) if moe is not None and torch.is_tensor(value)
+                                and value.dim() > 0 else value for key, value in values.items()}
+        return {"state": converted, "param_groups": state["param_groups"]}
+
     def state(self) -> Dict[str, Any]:
-        return {
+        """The FULL training state (collective when experts are sharded)."""
+        state = {
             "config": self.config.to_dict(), "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
@@ -163,12 +232,21 @@ class Trainer:
             "elapsed": self.elapsed, "best_validation": self.best_validation, "rng": rng_state(),
             "provenance": self.provenance(),
         }
+        if self.sharded:
+            state["model"] = full_state_dict(self.model)
+            state["ema"] = dict(state["ema"], shadow=full_state_dict(self.model, state["ema"]["shadow"]))
+            state["optimizer"] = self._optimizer_state(state["optimizer"], gather_shard)
+        return state
 
     def provenance(self) -> Dict[str, Any]:
         return {"trainer": "janus_potential.training", "step": self.step, "epoch": self.epoch,
                 "data": list(self.config.data.train), "preset": self.config.model.preset}
 
     def _restore(self, state: Dict[str, Any]) -> None:
+        if self.sharded:
+            state = dict(state, model=sharded_state_dict(self.model, state["model"]),
+                         optimizer=self._optimizer_state(state["optimizer"], local_shard))
+            state["ema"] = dict(state["ema"], shadow=sharded_state_dict(self.model, state["ema"]["shadow"]))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema = ExponentialMovingAverage(self.model, self.config.optim.ema_decay)
@@ -178,11 +256,14 @@ class Trainer:
         restore_rng(state["rng"])
 
     def save(self) -> None:
-        write_checkpoint(self.checkpoint_path, self.state())
+        state = self.state()  # every rank: gathering the shards is collective
+        if self.is_main:
+            write_checkpoint(self.checkpoint_path, state)
 
     def ema_model(self) -> JanusPotential:
+        """The full EMA model on every rank (collective when experts are sharded)."""
         model = JanusPotential(self.model.config).to(self.dtype)
-        model.load_state_dict(self.ema.shadow)
+        model.load_state_dict(full_state_dict(self.model, self.ema.shadow) if self.sharded else self.ema.shadow)
         model.provenance = self.provenance()
         return model
 
@@ -195,50 +276,187 @@ class Trainer:
             progress = max(progress, self.elapsed / (60 * self.config.run.max_minutes))
         return self.config.optim.lr * self.lr_factor(self.step, progress)
 
-    def train_step(self, samples: list[Sample]) -> Dict[str, float]:
+    def _passes(self, samples: List[Sample]) -> List[tuple]:
+        """(samples, counted) for every model evaluation of this rank in this step.
+
+        Without dd, one evaluation of the rank's part; with dd, one per structure of it. With
+        ep > 1 every rank of an ep group must run the same number of evaluations (the expert
+        dispatch is collective), so short parts are padded with the batch's first structure
+        at loss weight zero."""
+        parts = split_by_atoms(list(range(len(samples))), [s.num_atoms for s in samples], self.data_ranks)
+        dd = self.mesh.dd
+
+        def evaluations(part: List[int]) -> List[List[Sample]]:
+            if not part:
+                return []
+            return [[samples[k]] for k in part] if dd > 1 else [[samples[k] for k in part]]
+
+        passes = [(group, True) for group in evaluations(parts[self.data_rank])]
+        if self.sharded:
+            needed = max(len(evaluations(part)) for part in parts)
+            passes += [([samples[0]], False)] * (needed - len(passes))
+        return passes
+
+
+    def _domain_model(self, sample: Sample) -> DomainModel:
+        key = id(sample)
+        if key not in self._domains:
+            try:
+                self._domains[key] = DomainModel.build(self.model, sample.graph, self.mesh.dd_group)
+            except ValueError as exc:
+                raise JanusInputError(f"parallel.dd={self.mesh.dd}: {exc} (a structure from {sample.source})") from exc
+        return self._domains[key]
+
+
+    def _evaluate(self, samples: List[Sample], counted: bool, compute_virial: bool) -> ForwardPass:
+        if self.mesh.dd > 1:
+            (sample,) = samples
+            domain_model = self._domain_model(sample)
+            out = domain_model(sample.graph.positions, sample.graph.cell[0], compute_virial, create_graph=True)
+            routing = out
+            owned = domain_model.domain.owned
+            prediction = {"energy": out["energy"].reshape(1), "forces": out["forces"]}
+            if compute_virial:
+                prediction["stress"] = out["stress"].unsqueeze(0)
+            whole = collate([sample])
+            target = replace(whole, graph=OwnedAtoms(whole.graph.num_atoms, torch.zeros(owned.numel(), dtype=torch.long)),
+                             forces=whole.forces[owned], has_forces=whole.has_forces[owned])
+        else:
+            target = collate(samples)
+            prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True)
+        weight = target.weight.to(torch.float64)
+        share = 1.0 / self.mesh.dd  # every dd rank holds the per-structure terms
+        counts = torch.stack([
+            (weight * target.has_energy).sum() * share,
+            (weight[target.graph.batch] * target.has_forces).sum(),
+            (weight * target.has_stress).sum() * share,
+            torch.tensor(float(target.forces.shape[0]), dtype=torch.float64),
+        ]) * float(counted)
+        return ForwardPass(prediction, target, counted, counts, routing["router_probability_sum"] * float(counted),
+                           routing["expert_load"].detach().to(torch.float64) * float(counted))
+
+
+    def train_step(self, samples: List[Sample]) -> Dict[str, float]:
         self.model.train()
-        batch = collate(samples)
-        prediction = predict(self.model, batch, create_graph=True)
-        terms = loss_terms(prediction, batch, self.config.loss)
-        balance = self.model.balance_loss()
-        loss = terms["total"] + self.config.loss.balance_weight * balance
+        loss_config = self.config.loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        compute_virial = any(s.has_stress for s in samples)
+        evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(samples)]
+
+        n_layers = len(self.model.layers)
+        local = torch.zeros(4, dtype=torch.float64)  # energy frames, force atoms, stress frames, atoms
+        loads = torch.zeros(n_layers, self.model.layers[0].moe.num_experts, dtype=torch.float64)
+        for evaluation in evaluations:
+            local += evaluation.counts
+            loads += evaluation.expert_load
+        packed = torch.cat([local, loads.reshape(-1)])
+        if self.world > 1:
+            dist.all_reduce(packed)
+        total_counts, global_loads = packed[:4], packed[4:].view_as(loads)
+
+        names = ["energy", "forces", "stress"]
+        terms: Dict[str, torch.Tensor] = {}
+        balance = torch.zeros((), dtype=self.dtype)
+        if evaluations:
+            for evaluation in evaluations:
+                pass_terms = loss_terms(evaluation.prediction, evaluation.target, loss_config)
+                for k, name in enumerate(names):
+                    if name in pass_terms:
+                        ratio = (evaluation.counts[k] / total_counts[k].clamp(min=1e-12)).to(self.dtype)
+                        terms[name] = terms.get(name, 0.0) + pass_terms[name] * ratio
+            total = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
+            if "stress" in terms:
+                total = total + loss_config.stress_weight * terms["stress"]
+            balance = self._balance_share(evaluations, global_loads, float(total_counts[3]))
+            terms["total"] = total
+            (total + loss_config.balance_weight * balance).backward()
+        for reducer in self.reducers:
+            reducer.finish()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.ema.update(self.model)
-        out = {k: float(v.detach()) for k, v in terms.items()}
-        out.update(balance=float(balance.detach()), grad_norm=float(grad_norm), atoms=int(batch.graph.num_atoms.sum()))
+
+        logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64)
+                              for n in names + ["total"]] + [balance.detach().to(torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(logged)
+        out = {n: float(v) for n, v in zip(names + ["total", "balance"], logged)}
+        if not bool(total_counts[2] > 0):
+            out.pop("stress")
+        out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))))
         return out
+
+
+    def _balance_share(self, evaluations: List[ForwardPass], global_loads: torch.Tensor,
+                       global_atoms: float) -> torch.Tensor:
+        """Switch balance loss E * sum_e f_e * P_e of the GLOBAL batch, split over ranks:
+        f_e (global expert load fraction) is shared, P_e's atom sum is this rank's part (its
+        owned atoms: the MoE of a domain only sees owned rows)."""
+        probability_sum = torch.stack([evaluation.router_probability_sum for evaluation in evaluations]).sum(dim=0)
+        return balance_loss(probability_sum, global_loads.to(probability_sum.dtype), global_atoms)
+
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """`clip_grad_norm_` over the FULL parameter set (every expert shard counted once)."""
+        max_norm = self.config.optim.grad_clip
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        dense = [p.grad for p in self.model.parameters() if p.grad is not None and not is_expert_shard(p)]
+        experts = [p.grad for p in self.model.parameters() if p.grad is not None and is_expert_shard(p)]
+        squares = torch.zeros(2, dtype=torch.float64)
+        for k, group in enumerate((dense, experts)):
+            if group:
+                squares[k] = torch.stack([torch.linalg.vector_norm(g).to(torch.float64) ** 2 for g in group]).sum()
+        expert_squares = squares[1:].clone()
+        dist.all_reduce(expert_squares, group=self.mesh.ep_group)  # sharded: ep > 1
+        total_norm = (squares[0] + expert_squares[0]).sqrt().to(self.dtype)
+        coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coefficient)
+        return total_norm
+
+
 
     def validate(self, model: Optional[JanusPotential] = None) -> Dict[str, Any]:
         model = model or self.ema_model()
         metrics = ErrorMetrics(group_by="file")
-        for indices in self._validation_batches():
-            batch = collate([self.validation_samples[k] for k in indices])
+        batches = self._validation_batches()
+        workers = min(self.num_workers, len(batches))
+        for samples in sample_loader(self.validation_samples, batches, workers, self.config.data.prefetch_factor):
+            batch = collate(samples)
             metrics.update(predict(model, batch, create_graph=False), batch)
         return self._combine_metrics(metrics).summary()
 
-    def _validation_batches(self) -> list[list[int]]:
-        """The validation batches this process evaluates (all of them here)."""
-        return atom_budget_batches([s.num_atoms for s in self.validation_samples],
-                                   self.config.data.max_atoms_per_batch, 0, 0, shuffle=False)
+    def _validation_batches(self) -> Batches:
+        """The validation batches this rank evaluates (every world-th one)."""
+        return atom_budget_batches(self.validation_samples.sizes, self.config.data.max_atoms_per_batch, 0, 0,
+                                   shuffle=False)[self.rank::self.world]
 
     def _combine_metrics(self, metrics: ErrorMetrics) -> ErrorMetrics:
-        """The metrics of the whole validation set from this process's share (its own here)."""
-        return metrics
+        """The metrics of the whole validation set from every rank's share."""
+        if self.world == 1:
+            return metrics
+        every: List[Any] = [None] * self.world
+        dist.all_gather_object(every, metrics.plain_sums())
+        combined = ErrorMetrics(group_by=metrics.group_by)
+        for sums in every:
+            combined.add_sums(sums)
+        return combined
 
     def _truncate_log(self) -> None:
         """Drop log records written after the checkpoint we resume from (they are redone)."""
-        if not self.log_path.exists():
+        if not self.is_main or not self.log_path.exists():
             return
         kept = [line for line in self.log_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= self.step]
         self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -247,6 +465,10 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, self.step)
 
     def _finished(self) -> bool:
+        if self.world > 1 and self.config.run.max_minutes:  # every rank stops at the same step
+            elapsed = torch.tensor([self.elapsed], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            self.elapsed = float(elapsed)
         if self.step >= self.total_steps:
             return True
         limit = self.config.run.max_minutes
@@ -259,12 +481,17 @@ class Trainer:
         steps_this_call = 0
         progress = TrainingProgress(run.progress, self.step, self.total_steps, 60 * run.max_minutes,
                                     run.progress_every_s)
-        window_atoms, window_time = 0, 0.0
+        window_atoms, window_time, window_wait = 0, 0.0, 0.0
+        stream = iter(sample_loader(self.train_samples, self._planned_batches(), self.num_workers,
+                                    self.config.data.prefetch_factor))
         while not self._finished():
-            batches = self._epoch_batches(self.epoch)
-            while self.batch_in_epoch < len(batches) and not self._finished():
+            epoch_size = len(self._epoch_batches(self.epoch))
+            while self.batch_in_epoch < epoch_size and not self._finished():
+                waiting = time.perf_counter()
+                samples = next(stream)
                 start = time.perf_counter()
-                record = self.train_step([self.train_samples[k] for k in batches[self.batch_in_epoch]])
+                window_wait += start - waiting
+                record = self.train_step(samples)
                 duration = time.perf_counter() - start
                 self.elapsed += duration
                 window_atoms += record["atoms"]
@@ -278,14 +505,14 @@ class Trainer:
                 if self.step % run.log_every == 0:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": lr,
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
-                               **{f"train_{k}": v for k, v in record.items()}})
-                    window_atoms, window_time = 0, 0.0
+                               "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()}})
+                    window_atoms, window_time, window_wait = 0, 0.0, 0.0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     progress.close()
                     return summary
-            if self.batch_in_epoch >= len(batches):
+            if self.batch_in_epoch >= epoch_size:
                 summary = self._end_epoch()
         progress.close()
         if self._last_validation_step != self.step:

@@ -193,8 +193,8 @@ def slab_domain(positions: np.ndarray, cell: np.ndarray, species: np.ndarray, n_
     atom), ordered by (owner rank, atom, image); the two other axes stay periodic. vesin
     runs over owned + ghost atoms in a cell stretched along the slab axis by an integer
     factor (a lattice vector of the structure, so every pair it finds is a real one, and
-    long enough that no pair crosses it twice). The one O(N) step is a vectorised pass over
-    the positions (fractional coordinates, owners, ghost images).
+    long enough that no pair within `radius` reaches around it). The one O(N) step is a
+    vectorised pass over the positions (fractional coordinates, owners, ghost images).
     """
     if n_domains < 1 or not 0 <= rank < n_domains:
         raise ValueError(f"rank {rank} is not one of {n_domains} domains")
@@ -242,9 +242,9 @@ def slab_domain(positions: np.ndarray, cell: np.ndarray, species: np.ndarray, n_
 
 def request_halo_plan(domain: Domain, group: Optional[dist.ProcessGroup] = None) -> HaloPlan:
     """The `HaloPlan` of this rank's `domain` from its own ghost list and one exchange of
-    requests: every rank sends each owner the rows it needs (O(ghosts) integers, one
-    `all_to_all_single`), so no rank looks at another rank's domain. Same plan as
-    `halo_plan` over all domains."""
+    requests: every rank sends each owner the rows it needs (O(ghosts) integers: one
+    `all_to_all_single` of counts, one of rows), so no rank looks at another rank's domain.
+    Same plan as `halo_plan` over all domains."""
     distributed = group is not None or (dist.is_initialized() and dist.get_world_size() > 1)
     n_ranks = dist.get_world_size(group) if distributed else 1
     rank = dist.get_rank(group) if distributed else 0

@@ -25,10 +25,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import JanusInputError
+
 MPI_ENVIRONMENT = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "PMIX_RANK")
 
 
-class MeshError(ValueError):
+class MeshError(JanusInputError):
     """A parallel layout that does not fit the launched processes."""
 
 
