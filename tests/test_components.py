@@ -163,3 +163,23 @@ def test_float32_default_and_float64_on_request():
     out64 = model.double().compute(build_graph(atoms, model.cutoff, dtype=torch.float64))
     assert out64["forces"].dtype == torch.float64
     torch.testing.assert_close(out32["energy"], out64["energy"], rtol=1e-5, atol=1e-5)
+
+
+def test_energy_and_forces_are_traceable_by_make_fx(tiny_model):
+    """The model is a pure module: make_fx traces energy + forces (no data-dependent Python,
+    no state left on submodules) and the traced graph reproduces the eager result."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = build_graph(random_structure(["Mg", "O"], 12, seed=1), tiny_model.cutoff, dtype=torch.float64)
+    state = ({k: v.detach() for k, v in tiny_model.named_parameters()}, dict(tiny_model.named_buffers()))
+
+    def energy_and_forces(state, positions):
+        out = torch.func.functional_call(tiny_model, state, (graph.species, graph.edge_index,
+                                                             graph.edge_vectors(positions), graph.batch, 1))
+        return out["energy"], out["forces"]
+
+    traced = make_fx(energy_and_forces)(state, graph.positions)
+    assert any(node.op == "call_function" for node in traced.graph.nodes)
+    moved = graph.positions + 0.01  # a rigid shift: same graph shapes, new values
+    for expected, actual in zip(energy_and_forces(state, moved), traced(state, moved)):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

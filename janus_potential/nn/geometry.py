@@ -45,10 +45,10 @@ def build_triplets(centre: torch.Tensor, short: torch.Tensor) -> tuple[torch.Ten
     starts = torch.cumsum(counts, 0) - counts
     group_size = counts.repeat_interleave(counts)
     group_start = starts.repeat_interleave(counts)
-    n_pairs = int(group_size.sum())
     first_pos = torch.arange(short.shape[0], device=centre.device).repeat_interleave(group_size)
     pair_start = torch.cumsum(group_size, 0) - group_size
-    offset_in_group = torch.arange(n_pairs, device=centre.device) - pair_start.repeat_interleave(group_size)
+    # no .item(): the pair count is a shape, so make_fx can trace the triplet build
+    offset_in_group = torch.arange(first_pos.shape[0], device=centre.device) - pair_start.repeat_interleave(group_size)
     second_pos = group_start.repeat_interleave(group_size) + offset_in_group
     keep = first_pos != second_pos
     return short.index_select(0, first_pos[keep]), short.index_select(0, second_pos[keep])

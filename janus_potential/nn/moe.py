@@ -16,7 +16,7 @@ load). Nothing is kept on the module between calls (`balance_loss` combines them
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -71,8 +71,9 @@ class MixtureOfExperts(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         routed = x.index_select(0, atom_of_slot)
         pieces = []
-        split_sizes: List[int] = counts.tolist()
-        for e, block in enumerate(torch.split(routed, split_sizes)):
+        # block boundaries as a tensor (no .tolist()), so make_fx can trace the dispatch
+        boundaries = torch.cumsum(counts, 0)[:-1].cpu()
+        for e, block in enumerate(torch.tensor_split(routed, boundaries)):
             hidden = F.silu(torch.addmm(self.b_in[e], block, self.w_in[e]))
             pieces.append(torch.addmm(self.b_out[e], hidden, self.w_out[e]))
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
