@@ -148,6 +148,23 @@ def test_data_times_expert_parallel_training_on_four_ranks_equals_one_process(tr
     assert_same_training_state(tmp_path / "dp_ep", tmp_path / "one")
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_sharded_optimizer_state_equals_one_process_and_resumes_unsharded(train_config, tmp_path):
+    """parallel.shard=optimizer (AdamW moments split over the ranks) on dp=2 and on dp=2 x ep=2:
+    the same model, EMA and moments as one process; its checkpoint resumes on one process."""
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
+    janus_train(train_config, 2, f"run.output={tmp_path / 'dp'}", "parallel.shard=optimizer")
+    assert_same_training_state(tmp_path / "dp", tmp_path / "one")
+    janus_train(train_config, 4, f"run.output={tmp_path / 'dp_ep'}", "parallel.shard=optimizer", layout=(2, 2, 1))
+    assert_same_training_state(tmp_path / "dp_ep", tmp_path / "one")
+    janus_train(train_config, 4, f"run.output={tmp_path / 'resumed'}", "parallel.shard=optimizer", "optim.max_steps=2",
+                layout=(2, 2, 1))
+    subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",
+                    "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    assert_same_training_state(tmp_path / "resumed", tmp_path / "one")
+
+
 @pytest.mark.slow
 def test_torchrun_data_parallel_training_equals_one_process(train_config, tmp_path):
     janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")

@@ -184,6 +184,7 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel shards (janus_potential.parallel.expert)
     dd: int = 1  # spatial domains (janus_potential.parallel.domain)
     bucket_mb: float = 8.0  # gradient all-reduce bucket size
+    shard: str = "none"  # "optimizer": AdamW moments split over the ranks sharing each gradient (ZeRO-1)
 
 
 # (requirement, test, keys): the numeric keys that must pass `test`
@@ -201,6 +202,7 @@ RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "loss.kind": ("huber", "mse"),
+    "parallel.shard": ("none", "optimizer"),
 }
 
 

@@ -104,7 +104,10 @@ class FrameSamples(Sequence):
 
     def elements(self) -> np.ndarray:
         """The atomic numbers present in these frames."""
-        return np.unique(self.composition().element)
+        composition = self.frames.composition()
+        chosen = np.zeros(composition.num_frames, dtype=bool)
+        chosen[self.indices] = True
+        return np.unique(composition.element[np.repeat(chosen, np.diff(composition.offset))])
 
 
 def split_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Building blocks of hybrid-parallel training (dp x ep x dd; the trainer in
 `training/trainer.py` explains the exactness argument): splitting a batch over the data
-ranks, summing gradients in buckets overlapped with the backward pass, and what one model
-evaluation of a step carries.
+ranks, summing gradients in buckets overlapped with the backward pass, what one model
+evaluation of a step carries, and the optimizer whose state is sharded over the ranks.
 """
 
 from __future__ import annotations
@@ -133,3 +133,74 @@ def gradient_reducers(model: torch.nn.Module, mesh: ProcessMesh, bucket_mb: floa
     if experts:
         reducers.append(GradientReducer(experts, mesh.expert_grad_group, bucket_bytes))
     return reducers
+
+
+class ShardedAdamW:
+    """AdamW whose state is split over the ranks that share each parameter's gradient (ZeRO
+    stage 1, `parallel.shard: optimizer`): every parameter has one owner rank in its group
+    (dense parameters: the world; expert shards: the ranks holding that shard), chosen to
+    balance the element counts; only the owner keeps its moments and updates it, then
+    broadcasts the new values. Exact, because AdamW is elementwise per parameter.
+
+    Written here rather than taken from `torch.distributed.optim.ZeroRedundancyOptimizer`
+    because the parameters live in two kinds of groups (dense over the world, expert shards
+    over the ep replicas) and checkpoints must stay in the plain one-process AdamW format
+    (`state_dict` assembles it; `load_state_dict` takes it), so that a run resumes in any
+    layout. Gradients stay all-reduced (summed) on every rank: their sharding (stage 2) is
+    not done.
+    """
+
+    def __init__(self, parameters: List[torch.nn.Parameter], groups: List[Optional[dist.ProcessGroup]],
+                 **adamw: float) -> None:
+        self.parameters = parameters
+        self.owner: List[int] = []  # global rank of each parameter's owner
+        loads: Dict[int, Dict[int, int]] = {}
+        for p, group in zip(parameters, groups):
+            members = dist.get_process_group_ranks(group) if group is not None else [dist.get_rank()]
+            load = loads.setdefault(id(group), {r: 0 for r in members})
+            owner = min(members, key=lambda r: (load[r], r))
+            load[owner] += p.numel()
+            self.owner.append(owner)
+        self.groups = groups
+        rank = dist.get_rank()
+        self.owned = [k for k, owner in enumerate(self.owner) if owner == rank]
+        # a rank that owns nothing (more ranks than parameters) steps an empty stand-in
+        mine = [parameters[k] for k in self.owned] or [torch.nn.Parameter(torch.zeros(0))]
+        self.optimizer = torch.optim.AdamW(mine, **adamw)
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        for p, owner, group in zip(self.parameters, self.owner, self.groups):
+            if group is not None:
+                dist.broadcast(p.data, src=owner, group=group)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The plain AdamW state dict over all `parameters` (collective: every owner
+        broadcasts its parameters' moments)."""
+        local = self.optimizer.state_dict()
+        mine = {self.owned[i]: values for i, values in local["state"].items()}
+        state: Dict[int, Dict[str, torch.Tensor]] = {}
+        for k, (p, owner, group) in enumerate(zip(self.parameters, self.owner, self.groups)):
+            values = [mine.get(k)]
+            if group is not None:
+                dist.broadcast_object_list(values, src=owner, group=group)
+            if values[0] is not None:
+                state[k] = values[0]
+        groups = [dict(g, params=list(range(len(self.parameters)))) for g in local["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Take this rank's parameters' moments from a plain AdamW state dict."""
+        owned = {k: i for i, k in enumerate(self.owned)}
+        groups = [dict(g, params=list(range(len(self.owned)))) for g in state["param_groups"]]
+        self.optimizer.load_state_dict({"state": {owned[k]: v for k, v in state["state"].items() if k in owned},
+                                        "param_groups": groups})

@@ -7,6 +7,8 @@ training set.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -14,23 +16,21 @@ from janus_potential.elements import MAX_ATOMIC_NUMBER
 
 from .pack import Composition
 
-CHUNK_FRAMES = 1 << 14  # rows of the dense design matrix built at a time
+CHUNK_FRAMES = 1 << 14  # frames whose rows of the design matrix are built at a time
 
 
-def _normal_equations(composition: Composition, columns: np.ndarray, fraction: np.ndarray, weights: np.ndarray,
-                      target: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(D^T W D, D^T W t) of the design D (composition fractions), built in row chunks."""
-    gram, rhs = np.zeros((width, width)), np.zeros(width)
+def _designs(composition: Composition, present: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(frames, design, atoms) per chunk of frames: the rows of the design matrix (the
+    fraction of each element of `present` in each frame) and the frames' atom counts."""
     for first in range(0, composition.num_frames, CHUNK_FRAMES):
         last = min(first + CHUNK_FRAMES, composition.num_frames)
         begin, end = composition.offset[first], composition.offset[last]
         rows = np.repeat(np.arange(last - first), np.diff(composition.offset[first: last + 1]))
-        design = np.zeros((last - first, width))
-        design[rows, columns[begin:end]] = fraction[begin:end]
-        weighted = design * weights[first:last, None]
-        gram += weighted.T @ design
-        rhs += weighted.T @ target[first:last]
-    return gram, rhs
+        counts = composition.count[begin:end]
+        atoms = np.bincount(rows, weights=counts, minlength=last - first)
+        design = np.zeros((last - first, len(present)))
+        design[rows, np.searchsorted(present, composition.element[begin:end])] = counts / atoms[rows]
+        yield slice(first, last), design, atoms
 
 
 def fit_reference_energies(composition: Composition, energy: np.ndarray, huber_delta: float = 0.1,
@@ -42,24 +42,31 @@ def fit_reference_energies(composition: Composition, energy: np.ndarray, huber_d
     (iteratively reweighted least squares), so that a few very high-energy structures (high
     pressure/temperature data) do not shift every element's reference. An exact composition
     model is recovered exactly. The least-squares problem is solved through its normal
-    equations, accumulated in chunks of frames: memory does not grow with the data.
+    equations, accumulated over chunks of frames, so that memory holds two numbers per
+    frame (target and weight) besides the composition, whatever the number of frames.
     """
     reference = np.zeros(MAX_ATOMIC_NUMBER + 1)
     if composition.num_frames == 0:
         return torch.as_tensor(reference)
     present = np.unique(composition.element)
-    columns = np.searchsorted(present, composition.element)
-    frame_of_entry = np.repeat(np.arange(composition.num_frames), np.diff(composition.offset))
-    n_atoms = np.bincount(frame_of_entry, weights=composition.count, minlength=composition.num_frames)
-    fraction = composition.count / n_atoms[frame_of_entry]
-    target = np.asarray(energy, dtype=np.float64) / n_atoms
+    target = np.empty(composition.num_frames)  # energy per atom
     weights = np.ones(composition.num_frames)
+    gram, rhs = np.zeros((len(present), len(present))), np.zeros(len(present))
+    for frames, design, atoms in _designs(composition, present):
+        target[frames] = energy[frames] / atoms
+        gram += design.T @ design
+        rhs += design.T @ target[frames]
     for _ in range(iterations):
-        gram, rhs = _normal_equations(composition, columns, fraction, weights, target, len(present))
         solution, *_ = np.linalg.lstsq(gram, rhs, rcond=None)
-        predicted = np.bincount(frame_of_entry, weights=fraction * solution[columns], minlength=composition.num_frames)
-        residual = np.abs(target - predicted)
-        updated = np.where(residual < huber_delta, 1.0, huber_delta / np.maximum(residual, 1e-12))
+        # one pass: this solution's residuals give the next weights and their normal equations
+        updated = np.empty_like(weights)
+        gram, rhs = np.zeros_like(gram), np.zeros_like(rhs)
+        for frames, design, _ in _designs(composition, present):
+            residual = np.abs(target[frames] - design @ solution)
+            updated[frames] = np.where(residual < huber_delta, 1.0, huber_delta / np.maximum(residual, 1e-12))
+            weighted = design * updated[frames, None]
+            gram += weighted.T @ design
+            rhs += weighted.T @ target[frames]
         if np.array_equal(updated, weights):
             break  # the next solve would repeat this one
         weights = updated

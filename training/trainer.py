@@ -55,7 +55,7 @@ from janus_potential.parallel.mesh import ProcessMesh
 from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig
 from .data import Batches, FrameSamples, Sample, atom_budget_batches, collate, split_indices
-from .distributed import ForwardPass, OwnedAtoms, gradient_reducers, split_by_atoms
+from .distributed import ForwardPass, OwnedAtoms, ShardedAdamW, gradient_reducers, split_by_atoms
 from .loader import sample_loader, worker_count
 from .loss import ErrorMetrics, loss_terms, predict
 from .pack import open_dataset
@@ -88,8 +88,7 @@ class Trainer:
 
         self.model = self._build_model()
         self._load_data()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
-                                           weight_decay=config.optim.weight_decay)
+        self.optimizer = self._build_optimizer()
         self.total_steps = config.optim.max_steps
         if config.optim.epochs:
             self.total_steps = min(self.total_steps or math.inf, config.optim.epochs * len(self._epoch_batches(0)))
@@ -138,6 +137,17 @@ class Trainer:
         # checkpoints index optimizer state by parameter position: the shards keep the order
         assert [name for name, _ in model.named_parameters()] == names
         return model
+
+    def _build_optimizer(self):
+        """AdamW; with `parallel.shard: optimizer` on several ranks its moments are split
+        over the ranks that share each parameter's gradient (`ShardedAdamW`)."""
+        optim = self.config.optim
+        parameters = list(self.model.parameters())
+        if self.config.parallel.shard == "optimizer" and self.world > 1:
+            groups = [self.mesh.expert_grad_group if is_expert_shard(p) else self.mesh.dense_grad_group
+                      for p in parameters]
+            return ShardedAdamW(parameters, groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
 
     def _load_data(self) -> None:
         """The training and validation sets as frame indices into packed data (plain files
