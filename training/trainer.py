@@ -73,7 +73,6 @@ class Trainer:
         self.rank, self.world = self.mesh.rank, self.mesh.world_size
         self.data_rank = self.mesh.dp_index * self.mesh.ep + self.mesh.ep_index
         self.data_ranks = self.mesh.dp * self.mesh.ep
-        self._domains: Dict[int, DomainModel] = {}
         if not self.is_main:
             config.run.progress = False
         run = config.run
@@ -307,16 +306,14 @@ class Trainer:
             passes += [([samples[0]], False)] * (needed - len(passes))
         return passes
 
-
     def _domain_model(self, sample: Sample) -> DomainModel:
-        key = id(sample)
-        if key not in self._domains:
-            try:
-                self._domains[key] = DomainModel.build(self.model, sample.graph, self.mesh.dd_group)
-            except ValueError as exc:
-                raise JanusInputError(f"parallel.dd={self.mesh.dd}: {exc} (a structure from {sample.source})") from exc
-        return self._domains[key]
-
+        """The decomposition of `sample` over the dd group, built for this step: samples are
+        streamed (a new object every step, so no identity to cache by), and a cache per
+        structure would hold edge lists of the whole dataset."""
+        try:
+            return DomainModel.build(self.model, sample.graph, self.mesh.dd_group)
+        except ValueError as exc:
+            raise JanusInputError(f"parallel.dd={self.mesh.dd}: {exc} (a structure from {sample.source})") from exc
 
     def _evaluate(self, samples: List[Sample], counted: bool, compute_virial: bool) -> ForwardPass:
         if self.mesh.dd > 1:
@@ -344,7 +341,6 @@ class Trainer:
         ]) * float(counted)
         return ForwardPass(prediction, target, counted, counts, routing["router_probability_sum"] * float(counted),
                            routing["expert_load"].detach().to(torch.float64) * float(counted))
-
 
     def train_step(self, samples: List[Sample]) -> Dict[str, float]:
         self.model.train()
@@ -398,7 +394,6 @@ class Trainer:
         out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))))
         return out
 
-
     def _balance_share(self, evaluations: List[ForwardPass], global_loads: torch.Tensor,
                        global_atoms: float) -> torch.Tensor:
         """Switch balance loss E * sum_e f_e * P_e of the GLOBAL batch, split over ranks:
@@ -406,7 +401,6 @@ class Trainer:
         owned atoms: the MoE of a domain only sees owned rows)."""
         probability_sum = torch.stack([evaluation.router_probability_sum for evaluation in evaluations]).sum(dim=0)
         return balance_loss(probability_sum, global_loads.to(probability_sum.dtype), global_atoms)
-
 
     def _clip_gradients(self) -> torch.Tensor:
         """`clip_grad_norm_` over the FULL parameter set (every expert shard counted once)."""
@@ -427,7 +421,6 @@ class Trainer:
         for g in grads:
             g.mul_(coefficient)
         return total_norm
-
 
 
     def validate(self, model: Optional[JanusPotential] = None) -> Dict[str, Any]:
