@@ -50,7 +50,7 @@ def train(minutes: float) -> Trainer:
 
 
 def md_structure() -> Atoms:
-    """A ~200-atom supercell of a multi-element crystal of the training data."""
+    """A multi-element crystal of the training data, repeated to at least 10 A along each cell vector."""
     from make_structure import from_dataset
 
     return from_dataset(str(TRAINING_DATA))
