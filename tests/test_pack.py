@@ -261,7 +261,7 @@ def test_resume_starts_at_the_exact_batch(training_data, tmp_path, monkeypatch):
 
     def recording(run: str):
         def train_step(self, samples):
-            seen[run].append([round(float(s.graph.positions.sum()), 9) for s in samples])
+            seen[run].append([round(float(s.graph.positions.sum()), 9) for s, _ in samples])
             return original(self, samples)
         return train_step
 

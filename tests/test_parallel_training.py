@@ -29,13 +29,18 @@ BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
 
 
+GLOBAL_BATCH_ATOMS = 40  # atoms per global batch in every run of this file
+
+
 def janus_train(config: Path, ranks: int, *overrides: str, layout: tuple = ()) -> None:
     """`janus train` on `ranks` processes (mpirun); `layout` = (dp, ep, dd), default (ranks, 1, 1)."""
     dp, ep, dd = layout or (ranks, 1, 1)
     command = [str(BIN / "janus"), "train", str(config), *(f"--set={o}" for o in overrides)]
     if ranks > 1:
+        # the budget is per data rank: the same global batches as the one-process run
         command = [str(BIN / "mpirun"), "-np", str(ranks), *command,
-                   f"--set=parallel.dp={dp}", f"--set=parallel.ep={ep}", f"--set=parallel.dd={dd}"]
+                   f"--set=parallel.dp={dp}", f"--set=parallel.ep={ep}", f"--set=parallel.dd={dd}",
+                   f"--set=data.max_atoms_per_batch={GLOBAL_BATCH_ATOMS // (dp * ep)}"]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -57,7 +62,7 @@ def train_config(tmp_path_factory) -> Path:
     config = root / "config.yaml"
     config.write_text(
         f"data: {{train: [{root / 'train.xyz'}], validation_fraction: 0.0, cache_dir: {root / 'cache'},"
-        f" max_atoms_per_batch: 40}}\n"
+        f" max_atoms_per_batch: {GLOBAL_BATCH_ATOMS}}}\n"
         "model: {preset: tiny}\n"
         "optim: {max_steps: 3, warmup_steps: 0, min_lr_ratio: 1.0, lr: 0.01}\n"
         "loss: {balance_weight: 0.5}\n"
@@ -169,7 +174,8 @@ def test_sharded_optimizer_state_equals_one_process_and_resumes_unsharded(train_
 def test_torchrun_data_parallel_training_equals_one_process(train_config, tmp_path):
     janus_train(train_config, 1, f"run.output={tmp_path / 'one'}")
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "janus_potential.training", "train",
-               str(train_config), f"--set=run.output={tmp_path / 'two'}", "--set=parallel.dp=2"]
+               str(train_config), f"--set=run.output={tmp_path / 'two'}", "--set=parallel.dp=2",
+               f"--set=data.max_atoms_per_batch={GLOBAL_BATCH_ATOMS // 2}"]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_training_state(tmp_path / "two", tmp_path / "one")

@@ -8,12 +8,12 @@ result does not depend on their number. `num_workers=0` builds them in the calli
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from .data import FrameSamples
+from .data import FrameSamples, Sample
 
 
 def available_cores() -> int:
@@ -37,3 +37,20 @@ def sample_loader(samples: FrameSamples, batches: Iterable[list[int]], num_worke
         # (a resumed run must see the RNG state of the uninterrupted one)
         generator=torch.Generator().manual_seed(0),
     )
+
+
+class FlaggedSamples(Dataset):
+    """`samples` looked up by (frame index, flag) keys: yields (Sample, flag). The trainer's
+    plan marks each structure of a rank's share as counted or as padding (see
+    `Trainer._planned_batches`)."""
+
+    def __init__(self, samples: FrameSamples) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Tuple[int, bool]) -> Tuple[Sample, bool]:
+        index, flag = key
+        return self.samples[index], flag
+

@@ -56,7 +56,7 @@ from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoin
 from .config import TrainConfig
 from .data import Batches, FrameSamples, Sample, atom_budget_batches, collate, split_indices
 from .distributed import ForwardPass, OwnedAtoms, ShardedAdamW, gradient_reducers, split_by_atoms
-from .loader import sample_loader, worker_count
+from .loader import FlaggedSamples, sample_loader, worker_count
 from .loss import ErrorMetrics, loss_terms, predict
 from .pack import open_dataset
 from .progress import TrainingProgress
@@ -206,16 +206,36 @@ class Trainer:
         return SummaryWriter(str(self.output / "tensorboard"))
 
     def _epoch_batches(self, epoch: int) -> Batches:
-        return atom_budget_batches(self.sizes, self.config.data.max_atoms_per_batch, self.config.run.seed, epoch)
+        """The global batches of an epoch: `data.max_atoms_per_batch` is per data rank, so the
+        global budget is that times the dp x ep data ranks (one process: the same)."""
+        budget = self.config.data.max_atoms_per_batch * self.data_ranks
+        return atom_budget_batches(self.sizes, budget, self.config.run.seed, epoch)
 
-    def _planned_batches(self) -> Iterator[list[int]]:
-        """Every batch from the current position on: the rest of this epoch, then the next
-        epochs (the loader prefetches across an epoch's end)."""
+    def _share(self, batch: List[int]) -> List[tuple]:
+        """This rank's part of a global batch as (frame, counted) keys: the structures it
+        evaluates, then (with ep > 1, where every rank of an ep group must run as many
+        evaluations, the expert dispatch being collective) padding evaluations of the batch's
+        first structure at loss weight zero. Only these frames' graphs are built here."""
+        parts = split_by_atoms(batch, self.sizes, self.data_ranks)
+        mine = parts[self.data_rank]
+        keys = [(k, True) for k in mine]
+        if self.sharded:
+            needed = max(self._evaluation_count(len(part)) for part in parts)
+            keys += [(batch[0], False)] * (needed - self._evaluation_count(len(mine)))
+        return keys
+
+    def _evaluation_count(self, structures: int) -> int:
+        """Model evaluations of a part: one per structure with dd, else one for the part."""
+        return structures if self.mesh.dd > 1 else min(structures, 1)
+
+    def _planned_batches(self) -> Iterator[List[tuple]]:
+        """This rank's share of every batch from the current position on: the rest of this
+        epoch, then the next epochs (the loader prefetches across an epoch's end)."""
         epoch, start = self.epoch, self.batch_in_epoch
         while True:
             batches = self._epoch_batches(epoch)
             for b in range(start, len(batches)):
-                yield batches[b]
+                yield self._share(batches[b])
             epoch, start = epoch + 1, 0
 
     # ----------------------------------------------------------------- checkpoints
@@ -285,26 +305,14 @@ class Trainer:
             progress = max(progress, self.elapsed / (60 * self.config.run.max_minutes))
         return self.config.optim.lr * self.lr_factor(self.step, progress)
 
-    def _passes(self, samples: List[Sample]) -> List[tuple]:
-        """(samples, counted) for every model evaluation of this rank in this step.
-
-        Without dd, one evaluation of the rank's part; with dd, one per structure of it. With
-        ep > 1 every rank of an ep group must run the same number of evaluations (the expert
-        dispatch is collective), so short parts are padded with the batch's first structure
-        at loss weight zero."""
-        parts = split_by_atoms(list(range(len(samples))), [s.num_atoms for s in samples], self.data_ranks)
-        dd = self.mesh.dd
-
-        def evaluations(part: List[int]) -> List[List[Sample]]:
-            if not part:
-                return []
-            return [[samples[k]] for k in part] if dd > 1 else [[samples[k] for k in part]]
-
-        passes = [(group, True) for group in evaluations(parts[self.data_rank])]
-        if self.sharded:
-            needed = max(len(evaluations(part)) for part in parts)
-            passes += [([samples[0]], False)] * (needed - len(passes))
-        return passes
+    def _passes(self, share: List[tuple]) -> List[tuple]:
+        """(samples, counted) for every model evaluation of this rank's share of a step:
+        without dd one evaluation of the counted structures, with dd one per structure; then
+        the padding evaluations (see `_share`)."""
+        counted = [sample for sample, flag in share if flag]
+        padding = [sample for sample, flag in share if not flag]
+        groups = [[sample] for sample in counted] if self.mesh.dd > 1 else ([counted] if counted else [])
+        return [(group, True) for group in groups] + [([sample], False) for sample in padding]
 
     def _domain_model(self, sample: Sample) -> DomainModel:
         """The decomposition of `sample` over the dd group, built for this step: samples are
@@ -342,12 +350,14 @@ class Trainer:
         return ForwardPass(prediction, target, counted, counts, routing["router_probability_sum"] * float(counted),
                            routing["expert_load"].detach().to(torch.float64) * float(counted))
 
-    def train_step(self, samples: List[Sample]) -> Dict[str, float]:
+    def train_step(self, share: List[tuple]) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a global batch ((Sample, counted) pairs,
+        `_share`); every rank of the mesh calls it for the same step."""
         self.model.train()
         loss_config = self.config.loss
         self.optimizer.zero_grad(set_to_none=True)
-        compute_virial = any(s.has_stress for s in samples)
-        evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(samples)]
+        compute_virial = any(sample.has_stress for sample, _ in share)
+        evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(share)]
 
         n_layers = len(self.model.layers)
         local = torch.zeros(4, dtype=torch.float64)  # energy frames, force atoms, stress frames, atoms
@@ -485,7 +495,7 @@ class Trainer:
         progress = TrainingProgress(run.progress, self.step, self.total_steps, 60 * run.max_minutes,
                                     run.progress_every_s)
         window_atoms, window_time, window_wait = 0, 0.0, 0.0
-        stream = iter(sample_loader(self.train_samples, self._planned_batches(), self.num_workers,
+        stream = iter(sample_loader(FlaggedSamples(self.train_samples), self._planned_batches(), self.num_workers,
                                     self.config.data.prefetch_factor))
         while not self._finished():
             epoch_size = len(self._epoch_batches(self.epoch))
