@@ -111,16 +111,6 @@ def assert_calculators_match(reference, other, atoms: Atoms, rtol: float = 1e-10
         assert deviation <= rtol * scale * 10, f"{name} differ by {deviation:.3e} (scale {scale:.3e})"
 
 
-def assert_torchscript_matches(model, atoms: Atoms, path: str, dtype: str = "float64", rtol: float = 1e-10) -> None:
-    """The exported TorchScript file reproduces the eager model (energy, forces, stress)."""
-    from janus_potential.ase import JanusCalculator
-    from janus_potential.export import export_model
-
-    export_model(model, path, dtype=dtype)
-    assert_calculators_match(JanusCalculator(model), JanusCalculator(path), atoms, rtol=rtol,
-                             stress=bool(np.all(atoms.get_pbc())))
-
-
 def random_structure(symbols: Sequence[str], n_atoms: int, density: float = 0.06, seed: int = 0,
                      cell: np.ndarray | None = None, min_distance: float = 1.6,
                      pbc: bool | Sequence[bool] = True) -> Atoms:

@@ -53,3 +53,22 @@ def test_missing_extras_are_named():
     mpi = run_without_extras("import os\nos.environ['PMI_RANK'] = '0'\nos.environ['PMI_SIZE'] = '2'\n"
                              "from janus_potential.parallel.mesh import init_distributed\ninit_distributed()")
     assert "pip install 'janus-potential[mpi]'" in mpi.stderr, mpi.stderr[-2000:]
+
+
+def test_the_library_imports_no_front_end():
+    """DESIGN.md's arrows: no module of the library (janus_potential/) imports the ASE or the
+    training front end, not even inside a function (read from the source)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "janus_potential").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module if node.level == 0 else f"janus_potential.{node.module}"]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith(("janus_potential.ase", "janus_potential.training", "ase_interface",
+                                           "training"))]
+    assert offenders == []
