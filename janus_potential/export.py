@@ -100,9 +100,3 @@ def load_exported(path: str | os.PathLike) -> Tuple[torch.jit.ScriptModule, Dict
         raise JanusInputError(f"model file {os.fspath(path)!r} is corrupt: its weights do not match the "
                               "SHA-256 content hash in its metadata")
     return module, metadata
-
-
-def is_exported_file(path: str | os.PathLike) -> bool:
-    return zipfile.is_zipfile(os.fspath(path)) and any(
-        n.endswith(f"extra/{METADATA_FILE}") for n in zipfile.ZipFile(os.fspath(path)).namelist()
-    )

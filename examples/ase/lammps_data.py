@@ -20,7 +20,7 @@ import sys
 
 from ase.io import write
 
-from janus_potential.export import is_exported_file
+from janus_potential.io import is_torchscript_file
 
 from common import add_crystal_arguments, add_model_argument, build_crystal, model_elements
 
@@ -56,7 +56,7 @@ def main() -> int:
     types = ", ".join(f"{k} = {symbol}" for k, symbol in enumerate(specorder, start=1))
     print(f"wrote {args.output}: {atoms.get_chemical_formula()}, {len(atoms)} atoms, types {types}")
     model = args.model
-    if not is_exported_file(model):
+    if not is_torchscript_file(model):
         print(f"note: LAMMPS reads exported files only: janus export {model} -o model.pt")
         model = "model.pt"
     print("LAMMPS input:")
