@@ -29,9 +29,13 @@ from .errors import JanusInputError
 DIGEST_KEY = "content_sha256"
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor, without a copy where it is contiguous on the CPU (the
+    tensors of a large checkpoint are hashed one at a time, never copied whole)."""
     data = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return data.view(torch.uint8).numpy().tobytes()
+    if data.numel() == 0:
+        return memoryview(b"")
+    return memoryview(data.view(torch.uint8).numpy())
 
 
 def module_digest(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
@@ -73,8 +77,9 @@ def payload_digest(payload: Dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_payload(payload: Dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `payload` with its content digest, atomically (temporary file, fsync, rename)."""
+def save_payload(payload: Dict[str, Any], path: str | os.PathLike) -> str:
+    """Write `payload` with its content digest, atomically (temporary file, fsync, rename);
+    returns the digest."""
     payload = dict(payload)
     payload[DIGEST_KEY] = payload_digest(payload)
     tmp = f"{os.fspath(path)}.tmp"
@@ -83,6 +88,7 @@ def save_payload(payload: Dict[str, Any], path: str | os.PathLike) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    return payload[DIGEST_KEY]
 
 
 def _reason(exc: Exception) -> str:
@@ -94,15 +100,17 @@ def _reason(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {lines[0][:160]}" if lines else exc.__class__.__name__
 
 
-def load_payload(path: str | os.PathLike, what: str = "checkpoint", map_location: str = "cpu") -> Dict[str, Any]:
+def load_payload(path: str | os.PathLike, what: str = "checkpoint", map_location: str = "cpu",
+                 mmap: bool = False) -> Dict[str, Any]:
     """Read a payload written by `save_payload`: tensors and plain values only
-    (`weights_only=True`), and its content digest verified. Every failure is a
-    `JanusInputError` naming the file."""
+    (`weights_only=True`), and its content digest verified. With `mmap` the tensors stay in
+    the file's pages (read when touched), for the parts of large sharded checkpoints. Every
+    failure is a `JanusInputError` naming the file."""
     name = os.fspath(path)
     if not os.path.exists(name):
         raise JanusInputError(f"{what} {name!r} does not exist")
     try:
-        payload = torch.load(name, map_location=map_location, weights_only=True)
+        payload = torch.load(name, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, garbage, foreign pickles: torch raises many types
         raise JanusInputError(f"{name!r} is not a Janus {what}, or it is truncated or corrupt "
                               f"({_reason(exc)})") from exc

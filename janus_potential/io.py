@@ -20,18 +20,19 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from .config import ModelConfig
 from .errors import JanusInputError
-from .integrity import load_payload
+from .integrity import DIGEST_KEY, load_payload
 
 MODEL_CHECKPOINT_FORMAT = "janus-checkpoint"
 MODEL_CHECKPOINT_VERSION = 1
 TRAINING_CHECKPOINT_FORMAT = "janus-training-checkpoint"
-TRAINING_CHECKPOINT_VERSION = 1
+TRAINING_CHECKPOINT_VERSION = 2
+CHECKPOINT_PART_FORMAT = "janus-training-checkpoint-part"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -64,6 +65,68 @@ def read_checkpoint_payload(path: PathLike) -> Dict[str, Any]:
     return payload
 
 
+class CheckpointReader:
+    """The tensors of a training checkpoint (version 2), written in pieces by their owners.
+
+    `checkpoint.pt` holds the run's plain state, rank 0's tensors and an index of every
+    tensor: its full shape and its pieces, each (part file or None for the checkpoint itself,
+    first row along dimension 0). Other ranks' pieces are in part files beside it, each
+    with its own content hash, recorded (and checked) in `checkpoint.pt`. Keys are
+    `model/NAME`, `ema/NAME` and `optimizer/NAME/STATE`. `read(key, start, rows)` assembles
+    rows [start, start + rows) of a tensor from whatever pieces hold them, so a rank of
+    another layout reads only its shard; part files are memory-mapped and opened on demand.
+    """
+
+    def __init__(self, payload: Dict[str, Any], path: PathLike) -> None:
+        self.payload = payload
+        self.folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        self.index: Dict[str, Dict[str, Any]] = payload["index"]
+        self._parts: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def keys(self, prefix: str) -> List[str]:
+        return [key for key in self.index if key.startswith(prefix)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def _tensors(self, part: Any) -> Dict[str, torch.Tensor]:
+        if part is None:
+            return self.payload["tensors"]
+        if part not in self._parts:
+            name = os.path.join(self.folder, part)
+            loaded = load_payload(name, "training checkpoint part", mmap=True)
+            if loaded.get("format") != CHECKPOINT_PART_FORMAT or \
+                    loaded.get(DIGEST_KEY) != self.payload["parts"].get(part):
+                raise JanusInputError(f"{name!r} is not the part of {self.folder!r}'s checkpoint that it names "
+                                      "(a part from another save, or a damaged checkpoint)")
+            self._parts[part] = loaded["tensors"]
+        return self._parts[part]
+
+    def read(self, key: str, start: int = 0, rows: Optional[int] = None) -> torch.Tensor:
+        """Rows [start, start + rows) of tensor `key` (all of it by default)."""
+        entry = self.index[key]
+        shape = list(entry["shape"])
+        if not shape:
+            part, _ = entry["pieces"][0]
+            return self._tensors(part)[key].clone()
+        rows = shape[0] - start if rows is None else rows
+        out = torch.empty([rows] + shape[1:], dtype=getattr(torch, entry["dtype"]))
+        covered = 0
+        for part, first in entry["pieces"]:
+            piece = self._tensors(part)[key]
+            low, high = max(start, first), min(start + rows, first + piece.shape[0])
+            if low < high:
+                out[low - start: high - start] = piece[low - first: high - first]
+                covered += high - low
+        if covered != rows:
+            raise JanusInputError(f"checkpoint in {self.folder!r} lacks rows of {key!r}: a part file is missing")
+        return out
+
+    def state_dict(self, prefix: str) -> Dict[str, torch.Tensor]:
+        """Every tensor under `prefix` ("model/", "ema/"), whole, keyed without the prefix."""
+        return {key[len(prefix):]: self.read(key) for key in self.keys(prefix)}
+
+
 def load_weights(model: torch.nn.Module, state: Dict[str, Any], path: PathLike) -> None:
     """load_state_dict with a clear error when the checkpoint is from another model version."""
     try:
@@ -80,7 +143,10 @@ def model_from_payload(payload: Dict[str, Any], path: PathLike, use_ema: bool = 
     from .model import JanusPotential
 
     if payload["format"] == TRAINING_CHECKPOINT_FORMAT:
-        state = payload["ema"]["shadow"] if use_ema else payload["model"]
+        reader = CheckpointReader(payload, path)
+        state = reader.state_dict("model/")
+        if use_ema:  # without an EMA (optim.ema_decay 0) the EMA weights are the weights
+            state.update(reader.state_dict("ema/"))
         config = payload["model_config"]
     else:
         state, config = payload["state_dict"], payload["config"]

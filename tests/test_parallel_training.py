@@ -10,6 +10,7 @@ sampler and the config run without MPI.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from ase.io import write
 
 from janus_potential.parallel.mesh import MeshError, ProcessMesh
+from janus_potential.training.checkpoint import full_state
 from janus_potential.training.config import TrainConfig
 from janus_potential.training.distributed import split_by_atoms
 
@@ -35,7 +37,9 @@ GLOBAL_BATCH_ATOMS = 40  # atoms per global batch in every run of this file
 def janus_train(config: Path, ranks: int, *overrides: str, layout: tuple = ()) -> None:
     """`janus train` on `ranks` processes (mpirun); `layout` = (dp, ep, dd), default (ranks, 1, 1)."""
     dp, ep, dd = layout or (ranks, 1, 1)
-    command = [str(BIN / "janus"), "train", str(config), *(f"--set={o}" for o in overrides)]
+    flags = [o for o in overrides if o.startswith("--")]
+    command = [str(BIN / "janus"), "train", str(config), *flags,
+               *(f"--set={o}" for o in overrides if not o.startswith("--"))]
     if ranks > 1:
         # the budget is per data rank: the same global batches as the one-process run
         command = [str(BIN / "mpirun"), "-np", str(ranks), *command,
@@ -46,7 +50,7 @@ def janus_train(config: Path, ranks: int, *overrides: str, layout: tuple = ()) -
 
 
 def parameters(output: Path) -> dict:
-    return torch.load(output / "checkpoint.pt", weights_only=True)["model"]
+    return full_state(output / "checkpoint.pt")["model"]
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -97,9 +101,8 @@ def test_data_parallel_training_equals_one_process_and_resumes_on_other_rank_cou
     subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",
                     "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     one = parameters(tmp_path / "one")
-    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"] == 3
-    initial = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    assert initial["step"] == 3
+    assert full_state(tmp_path / "one" / "checkpoint.pt")["step"] == 3
+    assert full_state(tmp_path / "two" / "checkpoint.pt")["step"] == 3
     assert max_relative_difference(parameters(tmp_path / "two"), one) < 1e-10
     assert max_relative_difference(parameters(tmp_path / "resumed"), one) < 1e-10
 
@@ -113,18 +116,19 @@ def test_data_parallel_training_float32(train_config, tmp_path):
 
 
 def final_state(output: Path) -> dict:
-    checkpoint = torch.load(output / "checkpoint.pt", weights_only=True)
+    checkpoint = full_state(output / "checkpoint.pt")
     assert checkpoint["step"] == 3
     return checkpoint
 
 
 def assert_same_training_state(run: Path, reference: Path) -> None:
-    """Model, EMA and AdamW moments (full, unsharded) equal the one-process run's."""
+    """Model, EMA and AdamW moments (assembled from every rank's pieces) equal the one-process run's."""
     state, expected = final_state(run), final_state(reference)
+    assert state["model"].keys() == expected["model"].keys() and state["ema"].keys() == expected["ema"].keys()
     assert max_relative_difference(state["model"], expected["model"]) < 1e-10
-    assert max_relative_difference(state["ema"]["shadow"], expected["ema"]["shadow"]) < 1e-10
-    moments = {f"{i}.{k}": v for i, values in state["optimizer"]["state"].items() for k, v in values.items()}
-    expected_moments = {f"{i}.{k}": v for i, values in expected["optimizer"]["state"].items() for k, v in values.items()}
+    assert max_relative_difference(state["ema"], expected["ema"]) < 1e-10
+    moments = {f"{name}.{k}": v for name, values in state["optimizer"].items() for k, v in values.items()}
+    expected_moments = {f"{name}.{k}": v for name, values in expected["optimizer"].items() for k, v in values.items()}
     assert moments.keys() == expected_moments.keys()
     assert max_relative_difference(moments, expected_moments) < 1e-10
 
@@ -168,6 +172,47 @@ def test_sharded_optimizer_state_equals_one_process_and_resumes_unsharded(train_
     subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",
                     "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     assert_same_training_state(tmp_path / "resumed", tmp_path / "one")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(train_config, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("one") / "run"
+    janus_train(train_config, 1, f"run.output={output}")
+    return output
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,layout", [(2, (2, 1, 1)), (2, (1, 2, 1)), (2, (1, 1, 2)), (4, (2, 2, 1)), (4, (1, 2, 2))],
+                         ids=["dp2", "ep2", "dd2", "dp2xep2", "ep2xdd2"])
+def test_fully_sharded_training_equals_one_process(train_config, one_process_run, tmp_path, ranks, layout):
+    """parallel.shard=full (dense parameters held by their owners between steps, AdamW
+    moments and summed gradients sharded): model, EMA and moments equal one process after 3
+    steps, and every rank wrote its own share of the checkpoint."""
+    janus_train(train_config, ranks, f"run.output={tmp_path}", "parallel.shard=full", layout=layout)
+    assert_same_training_state(tmp_path, one_process_run)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    dense = [key for key in payload["index"] if key.startswith("model/") and ".moe.w_" not in key
+             and ".moe.b_" not in key]
+    writers = {piece[0] for key in dense for piece in payload["index"][key]["pieces"]}
+    assert len(writers) == ranks, writers  # dense weights sharded over all ranks (None = rank 0)
+    assert len(payload["parts"]) == ranks - 1
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_fully_sharded_checkpoint_resumes_in_another_layout(train_config, one_process_run, tmp_path):
+    """A checkpoint of dp=2 x ep=2, shard=full, after 2 steps resumes on 2 ranks (ep=2,
+    shard=optimizer) and on 1 process, and lands on the one-process state."""
+    janus_train(train_config, 4, f"run.output={tmp_path / 'a'}", "parallel.shard=full", "optim.max_steps=2",
+                layout=(2, 2, 1))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    janus_train(train_config, 2, f"run.output={tmp_path / 'a'}", "parallel.shard=optimizer", "--resume",
+                layout=(1, 2, 1))
+    assert_same_training_state(tmp_path / "a", one_process_run)
+    janus_train(train_config, 1, f"run.output={tmp_path / 'b'}", "--resume")
+    assert_same_training_state(tmp_path / "b", one_process_run)
+    assert not [part for part in (tmp_path / "b" / "checkpoint.parts").iterdir()]  # the 4-rank parts are gone
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ import pytest
 import torch
 from ase.io import write
 
+from janus_potential.training.checkpoint import full_state
+
 from .test_training import labelled_structures
 
 pytestmark = pytest.mark.slow
@@ -22,8 +24,8 @@ def train_command(config, *extra):
 
 
 def final_state(output):
-    payload = torch.load(output / "checkpoint.pt", weights_only=True)
-    return payload["step"], payload["model"], payload["ema"]["shadow"]
+    state = full_state(output / "checkpoint.pt")
+    return state["step"], state["model"], state["ema"]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

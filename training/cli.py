@@ -26,6 +26,7 @@ def _require_training_extra(command: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     _require_training_extra("train")
     from janus_potential.export import export_model
+    from janus_potential.io import load_model
 
     from .config import TrainConfig
     from .trainer import Trainer
@@ -33,18 +34,22 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.load(args.config, args.set)
     trainer = Trainer(config, resume=args.resume)
-    is_main = trainer.is_main
+    is_main, output, checkpoint = trainer.is_main, trainer.output, trainer.checkpoint_path
     if args.resume and is_main:
         _report_resume(trainer)
-    summary = trainer.fit()
-    model = trainer.ema_model()  # on every rank: gathering sharded experts is collective
+    summary = trainer.fit()  # ends with a checkpoint
+    # The final model is read back from that checkpoint by rank 0 alone, after every rank has
+    # dropped its training state: a sharded model (`1b`) never exists twice in memory.
+    trainer.close()
+    del trainer
     if not is_main:
         return 0
-    model.save_checkpoint(trainer.output / "model.ckpt", provenance=trainer.provenance())
-    export_model(model, trainer.output / "model.pt", dtype=config.run.dtype)
+    model = load_model(checkpoint)
+    model.save_checkpoint(output / "model.ckpt", provenance=model.provenance)
+    export_model(model, output / "model.pt", dtype=config.run.dtype)
     if summary:
         print(format_table(summary))
-    print(f"wrote {trainer.output / 'checkpoint.pt'}, {trainer.output / 'model.ckpt'} and {trainer.output / 'model.pt'}")
+    print(f"wrote {checkpoint}, {output / 'model.ckpt'} and {output / 'model.pt'}")
     return 0
 
 

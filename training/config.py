@@ -184,7 +184,9 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel shards (janus_potential.parallel.expert)
     dd: int = 1  # spatial domains (janus_potential.parallel.domain)
     bucket_mb: float = 8.0  # gradient all-reduce bucket size
-    shard: str = "none"  # "optimizer": AdamW moments split over the ranks sharing each gradient (ZeRO-1)
+    # "optimizer": AdamW moments and summed gradients split over the ranks sharing each gradient
+    # (ZeRO-1/2); "full": the dense parameters too, held by their owners between steps (ZeRO-3)
+    shard: str = "none"
 
 
 # (requirement, test, keys): the numeric keys that must pass `test`
@@ -202,7 +204,7 @@ RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "loss.kind": ("huber", "mse"),
-    "parallel.shard": ("none", "optimizer"),
+    "parallel.shard": ("none", "optimizer", "full"),
 }
 
 

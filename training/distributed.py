@@ -36,19 +36,24 @@ class GradientReducer:
     """Sum gradients over `group` in buckets launched from post-accumulate-grad hooks.
 
     Buckets follow reverse registration order (the last layers' gradients are ready
-    first) and are launched strictly in bucket order, so every rank issues the same
+    first) and are launched strictly in bucket order; with `owner_of` (sharded gradients)
+    a bucket holds one owner's parameters and is reduced to that owner only, the other
+    ranks dropping those gradients, so every rank issues the same
     collectives in the same order. Each bucket carries one presence flag per parameter:
     a parameter no rank produced a gradient for keeps `grad=None`, as in one process.
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup],
-                 bucket_bytes: int = 8 << 20) -> None:
+                 bucket_bytes: int = 8 << 20, owner_of: Optional[Dict[int, int]] = None) -> None:
         self.group = group
+        self.owner_of = owner_of
+        self.rank = dist.get_rank()
         params = [p for p in parameters if p.requires_grad][::-1]
         self.buckets: List[List[torch.nn.Parameter]] = [[]]
         size = 0
         for p in params:
-            if self.buckets[-1] and size + p.numel() * p.element_size() > bucket_bytes:
+            new_owner = owner_of is not None and self.buckets[-1] and owner_of[id(p)] != owner_of[id(self.buckets[-1][0])]
+            if self.buckets[-1] and (size + p.numel() * p.element_size() > bucket_bytes or new_owner):
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
@@ -76,7 +81,10 @@ class GradientReducer:
         pieces = [p.grad.reshape(-1) if p.grad is not None else reference.new_zeros(p.numel()) for p in bucket]
         presence = torch.tensor([p.grad is not None for p in bucket], dtype=reference.dtype)
         flat = torch.cat(pieces + [presence])
-        handle = dist.all_reduce(flat, group=self.group, async_op=True)
+        if self.owner_of is None:
+            handle = dist.all_reduce(flat, group=self.group, async_op=True)
+        else:  # sharded gradients: the sum goes to the bucket's owner only
+            handle = dist.reduce(flat, dst=self.owner_of[id(reference)], group=self.group, async_op=True)
         self.launched.append((flat, handle))
         self.bytes += flat.numel() * flat.element_size()
         self.seconds += time.perf_counter() - start
@@ -88,6 +96,10 @@ class GradientReducer:
         start = time.perf_counter()
         for bucket, (flat, handle) in zip(self.buckets, self.launched):
             handle.wait()
+            if self.owner_of is not None and self.owner_of[id(bucket[0])] != self.rank:
+                for p in bucket:
+                    p.grad = None
+                continue
             offset = 0
             presence = flat[-len(bucket):]
             for k, p in enumerate(bucket):
@@ -121,56 +133,143 @@ class ForwardPass:
     expert_load: torch.Tensor
 
 
-def gradient_reducers(model: torch.nn.Module, mesh: ProcessMesh, bucket_mb: float) -> List[GradientReducer]:
+def assign_owners(parameters: List[torch.nn.Parameter], groups: List[Optional[dist.ProcessGroup]]) -> List[int]:
+    """One owner rank per parameter inside its gradient group: the parameters of a group, in
+    model order, cut into contiguous blocks of about equal element counts (one block per
+    member), so that owner-to-owner gradient buckets are few and large. The owner keeps the
+    parameter's optimizer state, receives its summed gradient (`parallel.shard` optimizer
+    and full), holds it at rest (full), and writes it to checkpoints (every mode)."""
+    members_of: Dict[int, List[int]] = {}
+    totals: Dict[int, int] = {}
+    for p, group in zip(parameters, groups):
+        if id(group) not in members_of:
+            members_of[id(group)] = dist.get_process_group_ranks(group) if group is not None else [0]
+        totals[id(group)] = totals.get(id(group), 0) + p.numel()
+    before: Dict[int, int] = {}
+    owners = []
+    for p, group in zip(parameters, groups):
+        members, total = members_of[id(group)], max(1, totals[id(group)])
+        start = before.get(id(group), 0)
+        before[id(group)] = start + p.numel()
+        block = int(len(members) * (start + p.numel() / 2) / total)
+        owners.append(members[min(len(members) - 1, block)])
+    return owners
+
+
+class ParameterShards:
+    """Which rank owns which parameter, and (`parallel.shard: full`) the dense parameters held
+    by their owners only between steps.
+
+    Every parameter has one owner in its gradient group (`assign_owners`; dense: the world,
+    expert shards: the ranks holding that shard). With `full`, a rank keeps only the data of
+    the parameters it owns at rest (dense ones, and expert shards replicated over dp);
+    `gather()` broadcasts them from their owners at the start of a step (and for validation,
+    with the EMA weights), `release()` drops the others after the optimizer step;
+    checkpoints are written by the owners, so they need no gather. They are gathered for the whole step rather than layer by layer
+    and freed after each layer's forward: force training differentiates the forces, whose
+    graph keeps every layer's weights until the loss's backward ends, so a per-layer gather
+    would have to re-gather inside the double backward (saved-tensor hooks) to save memory
+    the step needs anyway; at rest (optimizer state, gradients, checkpoints) they are sharded.
+    On one process, or with `none`/`optimizer`, gather and release do nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, mesh: ProcessMesh, mode: str) -> None:
+        self.names = [name for name, _ in model.named_parameters()]
+        self.parameters = [p for _, p in model.named_parameters()]
+        self.groups = [None if mesh.world_size == 1 else
+                       mesh.expert_grad_group if is_expert_shard(p) else mesh.dense_grad_group for p in self.parameters]
+        self.owners = assign_owners(self.parameters, self.groups) if mesh.world_size > 1 else [0] * len(self.parameters)
+        self.rank = mesh.rank
+        self.mode = mode if mesh.world_size > 1 else "none"
+        self.shapes = [p.shape for p in self.parameters]
+        # parameters whose data this rank drops between steps (full: those owned by another rank)
+        self.shared = [k for k, group in enumerate(self.groups) if group is not None and dist.get_world_size(group) > 1]
+        self.released = [k for k in self.shared if self.mode == "full" and self.owners[k] != self.rank]
+        self.released_set = set(self.released)
+        self.held = True
+        self.release()
+
+    def owns(self, index: int) -> bool:
+        return self.owners[index] == self.rank
+
+    def is_held(self, index: int) -> bool:
+        """Whether this rank holds parameter `index`'s data at rest."""
+        return index not in self.released_set
+
+    @torch.no_grad()
+    def gather(self, values: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Give every rank every dense parameter (from its owner). With `values` (name ->
+        tensor, e.g. EMA weights held by the owners), those are gathered into the parameters'
+        data instead."""
+        if not self.released or (self.held and values is None):
+            return
+        for k in self.shared:
+            p = self.parameters[k]
+            if self.owns(k):
+                if values is not None:
+                    p.data = values[self.names[k]].clone()
+            else:
+                p.data = torch.empty(self.shapes[k], dtype=p.dtype)
+            dist.broadcast(p.data, src=self.owners[k], group=self.groups[k])
+        self.held = True
+
+    def release(self) -> None:
+        for k in self.released:
+            p = self.parameters[k]
+            p.data = torch.empty(0, dtype=p.dtype)
+        self.held = not self.released
+
+
+def gradient_reducers(model: torch.nn.Module, mesh: ProcessMesh, bucket_mb: float,
+                      shards: Optional[ParameterShards] = None) -> List[GradientReducer]:
     """The gradient sums of a step: dense parameters over the world, expert shards over the
-    ranks holding the same shard. None on one process."""
+    ranks holding the same shard (no reducer where that group is one rank). With sharded
+    gradients (`parallel.shard` optimizer or full) each sum goes to the parameter's owner
+    only (`dist.reduce`, ZeRO stage 2). None on one process."""
     if mesh.world_size == 1:
         return []
     bucket_bytes = int(bucket_mb * (1 << 20))
+    owner_of = None
+    if shards is not None and shards.mode in ("optimizer", "full"):
+        owner_of = {id(p): owner for p, owner in zip(shards.parameters, shards.owners)}
     dense = [p for p in model.parameters() if not is_expert_shard(p)]
     experts = [p for p in model.parameters() if is_expert_shard(p)]
-    reducers = [GradientReducer(dense, mesh.dense_grad_group, bucket_bytes)]
-    if experts:
-        reducers.append(GradientReducer(experts, mesh.expert_grad_group, bucket_bytes))
+    reducers = [GradientReducer(dense, mesh.dense_grad_group, bucket_bytes, owner_of)]
+    if experts and dist.get_world_size(mesh.expert_grad_group) > 1:
+        reducers.append(GradientReducer(experts, mesh.expert_grad_group, bucket_bytes, owner_of))
     return reducers
 
 
 class ShardedAdamW:
     """AdamW whose state is split over the ranks that share each parameter's gradient (ZeRO
-    stage 1, `parallel.shard: optimizer`): every parameter has one owner rank in its group
-    (dense parameters: the world; expert shards: the ranks holding that shard), chosen to
-    balance the element counts; only the owner keeps its moments and updates it, then
-    broadcasts the new values. Exact, because AdamW is elementwise per parameter.
+    stages 1-2, `parallel.shard: optimizer`, and with the parameters themselves, `full`): only
+    a parameter's owner (`ParameterShards`) keeps its moments, receives its summed gradient
+    and updates it; with `optimizer` it then broadcasts the new values, with `full` the other
+    ranks fetch them at the next step's `gather`. Exact, because AdamW is elementwise per
+    parameter.
 
-    Written here rather than taken from `torch.distributed.optim.ZeroRedundancyOptimizer`
-    because the parameters live in two kinds of groups (dense over the world, expert shards
-    over the ep replicas) and checkpoints must stay in the plain one-process AdamW format
-    (`state_dict` assembles it; `load_state_dict` takes it), so that a run resumes in any
-    layout. Gradients stay all-reduced (summed) on every rank: their sharding (stage 2) is
-    not done.
+    Written here rather than taken from `torch.distributed.optim.ZeroRedundancyOptimizer` or
+    `fully_shard`: the parameters live in two kinds of groups (dense over the world, expert
+    shards over the ep replicas), FSDP's reshard-after-forward frees parameter storage that
+    the force graph of force training still needs in the double backward, and checkpoints
+    are written per owner (`training/checkpoint.py`) so that a run resumes in any layout.
     """
 
-    def __init__(self, parameters: List[torch.nn.Parameter], groups: List[Optional[dist.ProcessGroup]],
-                 **adamw: float) -> None:
-        self.parameters = parameters
-        self.owner: List[int] = []  # global rank of each parameter's owner
-        loads: Dict[int, Dict[int, int]] = {}
-        for p, group in zip(parameters, groups):
-            members = dist.get_process_group_ranks(group) if group is not None else [dist.get_rank()]
-            load = loads.setdefault(id(group), {r: 0 for r in members})
-            owner = min(members, key=lambda r: (load[r], r))
-            load[owner] += p.numel()
-            self.owner.append(owner)
-        self.groups = groups
-        rank = dist.get_rank()
-        self.owned = [k for k, owner in enumerate(self.owner) if owner == rank]
+    def __init__(self, shards: ParameterShards, **adamw: float) -> None:
+        self.shards = shards
+        self.parameters = shards.parameters
+        self.owned = [k for k in range(len(self.parameters)) if shards.owns(k)]
         # a rank that owns nothing (more ranks than parameters) steps an empty stand-in
-        mine = [parameters[k] for k in self.owned] or [torch.nn.Parameter(torch.zeros(0))]
+        mine = [self.parameters[k] for k in self.owned] or [torch.nn.Parameter(torch.zeros(0))]
         self.optimizer = torch.optim.AdamW(mine, **adamw)
 
     @property
     def param_groups(self) -> list:
         return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters:
@@ -179,28 +278,7 @@ class ShardedAdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.optimizer.step()
-        for p, owner, group in zip(self.parameters, self.owner, self.groups):
-            if group is not None:
-                dist.broadcast(p.data, src=owner, group=group)
-
-    def state_dict(self) -> Dict[str, object]:
-        """The plain AdamW state dict over all `parameters` (collective: every owner
-        broadcasts its parameters' moments)."""
-        local = self.optimizer.state_dict()
-        mine = {self.owned[i]: values for i, values in local["state"].items()}
-        state: Dict[int, Dict[str, torch.Tensor]] = {}
-        for k, (p, owner, group) in enumerate(zip(self.parameters, self.owner, self.groups)):
-            values = [mine.get(k)]
-            if group is not None:
-                dist.broadcast_object_list(values, src=owner, group=group)
-            if values[0] is not None:
-                state[k] = values[0]
-        groups = [dict(g, params=list(range(len(self.parameters)))) for g in local["param_groups"]]
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Take this rank's parameters' moments from a plain AdamW state dict."""
-        owned = {k: i for i, k in enumerate(self.owned)}
-        groups = [dict(g, params=list(range(len(self.owned)))) for g in state["param_groups"]]
-        self.optimizer.load_state_dict({"state": {owned[k]: v for k, v in state["state"].items() if k in owned},
-                                        "param_groups": groups})
+        if self.shards.mode == "full":  # the others fetch them at the next gather
+            return
+        for k in self.shards.shared:
+            dist.broadcast(self.parameters[k].data, src=self.shards.owners[k], group=self.shards.groups[k])

@@ -48,14 +48,14 @@ from janus_potential.errors import JanusInputError
 from janus_potential.model import DTYPES, JanusPotential
 from janus_potential.nn.moe import balance_loss
 from janus_potential.parallel.domain import DomainModel
-from janus_potential.parallel.expert import (expert_shards, full_state_dict, gather_shard, is_expert_shard,
-                                             local_shard, shard_experts, sharded_state_dict)
+from janus_potential.parallel.expert import expert_shards, full_state_dict, shard_experts
 from janus_potential.parallel.mesh import ProcessMesh
 
-from .checkpoint import read_checkpoint, restore_rng, rng_state, write_checkpoint
+from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig
 from .data import Batches, FrameSamples, Sample, atom_budget_batches, collate, split_indices
-from .distributed import ForwardPass, OwnedAtoms, ShardedAdamW, gradient_reducers, split_by_atoms
+from .distributed import (ForwardPass, OwnedAtoms, ParameterShards, ShardedAdamW, gradient_reducers,
+                          split_by_atoms)
 from .loader import FlaggedSamples, sample_loader, worker_count
 from .loss import ErrorMetrics, loss_terms, predict
 from .pack import open_dataset
@@ -86,6 +86,7 @@ class Trainer:
         self.dtype = DTYPES[run.dtype]
 
         self.model = self._build_model()
+        self.shards = ParameterShards(self.model, self.mesh, parallel.shard)
         self._load_data()
         self.optimizer = self._build_optimizer()
         self.total_steps = config.optim.max_steps
@@ -99,16 +100,16 @@ class Trainer:
         self.best_validation = math.inf
         self._last_validation_step = -1
         if resume and self.checkpoint_path.exists():
-            self._restore(read_checkpoint(self.checkpoint_path))
+            self._restore(*read_checkpoint(self.checkpoint_path))
         else:
             self._initialise_statistics()
-            self.ema = ExponentialMovingAverage(self.model, config.optim.ema_decay)
+            self.ema = self._new_ema()
             config.dump(self.output / "config.yaml")
         self.log_path = self.output / "metrics.jsonl"
         if resume:
             self._truncate_log()
         self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
-        self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb)
+        self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
 
     @property
     def is_main(self) -> bool:
@@ -138,15 +139,19 @@ class Trainer:
         return model
 
     def _build_optimizer(self):
-        """AdamW; with `parallel.shard: optimizer` on several ranks its moments are split
-        over the ranks that share each parameter's gradient (`ShardedAdamW`)."""
+        """AdamW; with `parallel.shard: optimizer|full` on several ranks its moments (and the
+        summed gradients) are split over the ranks that share each parameter's gradient
+        (`ShardedAdamW`)."""
         optim = self.config.optim
-        parameters = list(self.model.parameters())
-        if self.config.parallel.shard == "optimizer" and self.world > 1:
-            groups = [self.mesh.expert_grad_group if is_expert_shard(p) else self.mesh.dense_grad_group
-                      for p in parameters]
-            return ShardedAdamW(parameters, groups, lr=optim.lr, weight_decay=optim.weight_decay)
-        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+        if self.shards.mode != "none":
+            return ShardedAdamW(self.shards, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def _new_ema(self) -> ExponentialMovingAverage:
+        """The EMA of the weights this rank holds at rest (the model's state-dict keys)."""
+        names = {name: k for k, name in enumerate(self.shards.names)}
+        return ExponentialMovingAverage(self.model, self.config.optim.ema_decay,
+                                        keep=lambda key: key not in names or self.shards.is_held(names[key]))
 
     def _load_data(self) -> None:
         """The training and validation sets as frame indices into packed data (plain files
@@ -239,62 +244,126 @@ class Trainer:
             epoch, start = epoch + 1, 0
 
     # ----------------------------------------------------------------- checkpoints
-    def _optimizer_state(self, state: Dict[str, Any], convert) -> Dict[str, Any]:
-        """The optimizer state dict with every expert-shard tensor passed through
-        `convert(tensor, moe)` (gather to full, or cut to this rank's shard)."""
-        shards = expert_shards(self.model)
-        names = [name for name, _ in self.model.named_parameters()]
-        converted = {}
-        for index, values in state["state"].items():
-            moe = shards.get(names[index])
-            converted[index] = {key: convert(value, moe) if moe is not None and torch.is_tensor(value)
-                                and value.dim() > 0 else value for key, value in values.items()}
-        return {"state": converted, "param_groups": state["param_groups"]}
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if isinstance(self.optimizer, ShardedAdamW) else self.optimizer
+
+    def _optimized(self) -> List[int]:
+        """Indices (model order) of the parameters this rank's AdamW steps and keeps moments of."""
+        if isinstance(self.optimizer, ShardedAdamW):
+            return self.optimizer.owned
+        return list(range(len(self.shards.parameters)))
+
+    def _piece(self, name: str, tensor: torch.Tensor) -> Piece:
+        """A tensor of parameter `name` as a piece of the full tensor (expert shards: rows
+        [first, first + E/P) of [E, ...]; scalars and other tensors: whole)."""
+        moe = expert_shards(self.model).get(name)
+        if moe is None or tensor.dim() == 0:
+            return tensor, list(tensor.shape), 0
+        return tensor, [moe.num_experts] + list(tensor.shape[1:]), moe.first_expert
+
+    def pieces(self) -> Dict[str, Piece]:
+        """What this rank writes to a checkpoint: the weights, EMA and AdamW moments of the
+        parameters it owns, and (rank 0) the buffers and their EMA."""
+        pieces: Dict[str, Piece] = {}
+        names = self.shards.names
+        for k, (name, p) in enumerate(zip(names, self.shards.parameters)):
+            if self.shards.owns(k):
+                pieces[f"model/{name}"] = self._piece(name, p.data)
+                if name in self.ema.shadow:
+                    pieces[f"ema/{name}"] = self._piece(name, self.ema.shadow[name])
+        torch_optimizer = self._torch_optimizer()
+        for k in self._optimized():
+            if not self.shards.owns(k):
+                continue
+            for item, value in torch_optimizer.state.get(self.shards.parameters[k], {}).items():
+                pieces[f"optimizer/{names[k]}/{item}"] = self._piece(names[k], value)
+        if self.is_main:
+            for name, buffer in self._buffers():
+                pieces[f"model/{name}"] = (buffer, list(buffer.shape), 0)
+                if name in self.ema.shadow:
+                    pieces[f"ema/{name}"] = (self.ema.shadow[name], list(buffer.shape), 0)
+        return pieces
+
+    def _buffers(self) -> List[tuple]:
+        """(state-dict name, tensor) of the model's persistent buffers, every name of a shared one."""
+        parameters = set(self.shards.names)
+        return [(name, value) for name, value in self.model.state_dict(keep_vars=True).items() if name not in parameters]
 
     def state(self) -> Dict[str, Any]:
-        """The FULL training state (collective when experts are sharded)."""
-        state = {
+        """The plain (non-tensor-piece) state of the run, the same on every rank."""
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        return {
             "config": self.config.to_dict(), "model_config": self.model.config.to_dict(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(),
+            "optimizer": {"param_groups": groups}, "ema": {"decay": self.ema.decay, "updates": self.ema.updates},
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "elapsed": self.elapsed, "best_validation": self.best_validation, "rng": rng_state(),
             "provenance": self.provenance(),
         }
-        if self.sharded:
-            state["model"] = full_state_dict(self.model)
-            state["ema"] = dict(state["ema"], shadow=full_state_dict(self.model, state["ema"]["shadow"]))
-            state["optimizer"] = self._optimizer_state(state["optimizer"], gather_shard)
-        return state
 
     def provenance(self) -> Dict[str, Any]:
         return {"trainer": "janus_potential.training", "step": self.step, "epoch": self.epoch,
                 "data": list(self.config.data.train), "preset": self.config.model.preset}
 
-    def _restore(self, state: Dict[str, Any]) -> None:
-        if self.sharded:
-            state = dict(state, model=sharded_state_dict(self.model, state["model"]),
-                         optimizer=self._optimizer_state(state["optimizer"], local_shard))
-            state["ema"] = dict(state["ema"], shadow=sharded_state_dict(self.model, state["ema"]["shadow"]))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema = ExponentialMovingAverage(self.model, self.config.optim.ema_decay)
-        self.ema.load_state_dict(state["ema"])
+    def _read_piece(self, reader, key: str, name: str) -> torch.Tensor:
+        """This rank's rows of checkpoint tensor `key` (of parameter `name`), whatever layout wrote it."""
+        moe = expert_shards(self.model).get(name)
+        if moe is None or not reader.index[key]["shape"]:
+            return reader.read(key)
+        return reader.read(key, moe.first_expert, moe.local_experts)
+
+    def _restore(self, state: Dict[str, Any], reader) -> None:
+        names = self.shards.names
+        with torch.no_grad():
+            for k, (name, p) in enumerate(zip(names, self.shards.parameters)):
+                if self.shards.is_held(k):
+                    p.data = self._read_piece(reader, f"model/{name}", name)
+            for name, buffer in self._buffers():
+                buffer.copy_(reader.read(f"model/{name}"))
+        self.ema = self._new_ema()
+        self.ema.updates = state["ema"]["updates"]
+        for key in list(self.ema.shadow):
+            source = f"ema/{key}" if f"ema/{key}" in reader else f"model/{key}"  # a run without EMA
+            self.ema.shadow[key] = self._read_piece(reader, source, key)
+        torch_optimizer = self._torch_optimizer()
+        optimized = self._optimized()
+        moments: Dict[int, Dict[str, torch.Tensor]] = {}
+        for local, k in enumerate(optimized):
+            for key in reader.keys(f"optimizer/{names[k]}/"):
+                moments.setdefault(local, {})[key.rsplit("/", 1)[1]] = self._read_piece(reader, key, names[k])
+        groups = [dict(group, params=list(range(len(torch_optimizer.param_groups[0]["params"]))))
+                  for group in state["optimizer"]["param_groups"]]
+        torch_optimizer.load_state_dict({"state": moments, "param_groups": groups})
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed, self.best_validation = state["elapsed"], state["best_validation"]
         restore_rng(state["rng"])
 
     def save(self) -> None:
-        state = self.state()  # every rank: gathering the shards is collective
-        if self.is_main:
-            write_checkpoint(self.checkpoint_path, state)
+        """Write the checkpoint (collective: every rank writes what it owns)."""
+        write_checkpoint(self.checkpoint_path, self.state(), self.pieces(), distributed=self.world > 1)
+
+    def _ema_weights(self):
+        """Context: the model holds the EMA weights (every dense parameter gathered on every
+        rank), then its own again."""
+        return _SwappedWeights(self)
 
     def ema_model(self) -> JanusPotential:
-        """The full EMA model on every rank (collective when experts are sharded)."""
+        """The full EMA model on every rank (collective when experts are sharded; for models
+        that fit a rank twice: `janus train` exports from the checkpoint instead)."""
+        with self._ema_weights():
+            state = full_state_dict(self.model) if self.sharded else self.model.state_dict()
+            state = {k: v.detach().clone() for k, v in state.items()}
         model = JanusPotential(self.model.config).to(self.dtype)
-        model.load_state_dict(full_state_dict(self.model, self.ema.shadow) if self.sharded else self.ema.shadow)
+        model.load_state_dict(state)
         model.provenance = self.provenance()
         return model
+
+    def close(self) -> None:
+        """Drop the training state (after the final checkpoint), so that rank 0 can read the
+        final model from the checkpoint within the same memory."""
+        for reducer in self.reducers:
+            reducer.buckets = []
+        self.reducers = []
+        del self.optimizer, self.ema, self.model, self.shards
 
     # ----------------------------------------------------------------- training
     def learning_rate(self) -> float:
@@ -355,6 +424,7 @@ class Trainer:
         `_share`); every rank of the mesh calls it for the same step."""
         self.model.train()
         loss_config = self.config.loss
+        self.shards.gather()
         self.optimizer.zero_grad(set_to_none=True)
         compute_virial = any(sample.has_stress for sample, _ in share)
         evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(share)]
@@ -393,6 +463,7 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.ema.update(self.model)
+        self.shards.release()
 
         logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64)
                               for n in names + ["total"]] + [balance.detach().to(torch.float64)])
@@ -413,40 +484,52 @@ class Trainer:
         return balance_loss(probability_sum, global_loads.to(probability_sum.dtype), global_atoms)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """`clip_grad_norm_` over the FULL parameter set (every expert shard counted once)."""
+        """`clip_grad_norm_` over the FULL parameter set: each gradient counted once, by its
+        parameter's owner (replicas and expert shards alike), the squares summed over the world."""
         max_norm = self.config.optim.grad_clip
-        if not self.sharded:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        dense = [p.grad for p in self.model.parameters() if p.grad is not None and not is_expert_shard(p)]
-        experts = [p.grad for p in self.model.parameters() if p.grad is not None and is_expert_shard(p)]
-        squares = torch.zeros(2, dtype=torch.float64)
-        for k, group in enumerate((dense, experts)):
-            if group:
-                squares[k] = torch.stack([torch.linalg.vector_norm(g).to(torch.float64) ** 2 for g in group]).sum()
-        expert_squares = squares[1:].clone()
-        dist.all_reduce(expert_squares, group=self.mesh.ep_group)  # sharded: ep > 1
-        total_norm = (squares[0] + expert_squares[0]).sqrt().to(self.dtype)
+        squares = torch.zeros(1, dtype=torch.float64)
+        counted = [p.grad for k, p in enumerate(self.shards.parameters) if p.grad is not None and self.shards.owns(k)]
+        if counted:
+            squares[0] = torch.stack([torch.linalg.vector_norm(g).to(torch.float64) ** 2 for g in counted]).sum()
+        if self.world > 1:
+            dist.all_reduce(squares)
+        total_norm = squares[0].sqrt().to(self.dtype)
         coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coefficient)
+        for p in self.shards.parameters:
+            if p.grad is not None:
+                p.grad.mul_(coefficient)
         return total_norm
 
-
-    def validate(self, model: Optional[JanusPotential] = None) -> Dict[str, Any]:
-        model = model or self.ema_model()
+    def validate(self) -> Dict[str, Any]:
+        """Errors of the EMA weights on the validation set, every rank evaluating every
+        world-th batch with the (sharded) training model itself: no rank builds a full copy."""
         metrics = ErrorMetrics(group_by="file")
-        batches = self._validation_batches()
+        batches, counted = self._validation_batches()
         workers = min(self.num_workers, len(batches))
-        for samples in sample_loader(self.validation_samples, batches, workers, self.config.data.prefetch_factor):
-            batch = collate(samples)
-            metrics.update(predict(model, batch, create_graph=False), batch)
+        self.model.eval()
+        with self._ema_weights():
+            loader = sample_loader(self.validation_samples, batches, workers, self.config.data.prefetch_factor)
+            for samples, count in zip(loader, counted):
+                batch = collate(samples)
+                prediction = predict(self.model, batch, create_graph=False)
+                if count:
+                    metrics.update(prediction, batch)
+        self.model.train()
         return self._combine_metrics(metrics).summary()
 
-    def _validation_batches(self) -> Batches:
-        """The validation batches this rank evaluates (every world-th one)."""
-        return atom_budget_batches(self.validation_samples.sizes, self.config.data.max_atoms_per_batch, 0, 0,
-                                   shuffle=False)[self.rank::self.world]
+    def _validation_batches(self) -> tuple:
+        """The validation batches this rank evaluates (every world-th one) and whether each
+        counts: with experts sharded every rank of an ep group must evaluate as often (the
+        dispatch is collective), so the short ranks repeat a batch that does not count."""
+        every = atom_budget_batches(self.validation_samples.sizes, self.config.data.max_atoms_per_batch, 0, 0,
+                                    shuffle=False)
+        mine = every[self.rank::self.world]
+        counted = [True] * len(mine)
+        if self.sharded:
+            needed = -(-len(every) // self.world)
+            mine += [every[0]] * (needed - len(mine))
+            counted += [False] * (needed - len(counted))
+        return mine, counted
 
     def _combine_metrics(self, metrics: ErrorMetrics) -> ErrorMetrics:
         """The metrics of the whole validation set from every rank's share."""
@@ -545,3 +628,31 @@ class Trainer:
             self.batch_in_epoch = 0
         self.save()
         return summary
+
+
+class _SwappedWeights:
+    """`Trainer._ema_weights`: swap the EMA weights into the model's parameters and buffers
+    (dense parameters gathered from their owners with `parallel.shard: full`), and back."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __enter__(self) -> None:
+        trainer = self.trainer
+        shadow = trainer.ema.shadow
+        self.live = [p.data for p in trainer.shards.parameters]
+        self.buffers = [(b, b.data) for _, b in trainer._buffers()]
+        for name, p in zip(trainer.shards.names, trainer.shards.parameters):
+            if name in shadow:
+                p.data = shadow[name]
+        for name, b in trainer._buffers():
+            if name in shadow:
+                b.data = shadow[name]
+        trainer.shards.gather(values=shadow if trainer.ema.enabled else None)
+
+    def __exit__(self, *exc) -> None:
+        for p, data in zip(self.trainer.shards.parameters, self.live):
+            p.data = data
+        for b, data in self.buffers:
+            b.data = data
+        self.trainer.shards.release()
