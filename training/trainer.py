@@ -33,8 +33,10 @@ order, from the checkpoint's batch on; the trainer itself holds only per-frame a
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -364,6 +366,7 @@ class Trainer:
             reducer.buckets = []
         self.reducers = []
         del self.optimizer, self.ema, self.model, self.shards
+        gc.collect()
 
     # ----------------------------------------------------------------- training
     def learning_rate(self) -> float:
@@ -550,6 +553,15 @@ class Trainer:
                 if line.strip() and json.loads(line).get("step", 0) <= self.step]
         self.log_path.write_text("".join(line + "\n" for line in kept))
 
+    def _peak_rss(self) -> List[float]:
+        """Peak resident memory of every rank so far, GiB (collective)."""
+        mine = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        if self.world == 1:
+            return [mine]
+        every: List[Any] = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return every
+
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -599,7 +611,7 @@ class Trainer:
                 progress.update(self.step, self.epoch, record["total"], lr, window_atoms / max(window_time, 1e-9),
                                 self.elapsed)
                 if self.step % run.log_every == 0:
-                    self._log({"step": self.step, "epoch": self.epoch, "lr": lr,
+                    self._log({"step": self.step, "epoch": self.epoch, "lr": lr, "peak_rss_gib": self._peak_rss(),
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()}})
                     window_atoms, window_time, window_wait = 0, 0.0, 0.0
