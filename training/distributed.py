@@ -44,20 +44,25 @@ class GradientReducer:
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup],
-                 bucket_bytes: int = 8 << 20, owner_of: Optional[Dict[int, int]] = None) -> None:
+                 bucket_bytes: int = 8 << 20, owner_of: Optional[Dict[int, int]] = None,
+                 sizes: Optional[Dict[int, int]] = None) -> None:
         self.group = group
         self.owner_of = owner_of
         self.rank = dist.get_rank()
         params = [p for p in parameters if p.requires_grad][::-1]
         self.buckets: List[List[torch.nn.Parameter]] = [[]]
         size = 0
+        # element counts from `sizes` where given: with `parallel.shard: full` a parameter's
+        # data is empty between steps on the ranks that do not own it, and every rank must
+        # cut the same buckets
+        self.numel = {id(p): (sizes or {}).get(id(p), p.numel()) for p in params}
         for p in params:
             new_owner = owner_of is not None and self.buckets[-1] and owner_of[id(p)] != owner_of[id(self.buckets[-1][0])]
-            if self.buckets[-1] and (size + p.numel() * p.element_size() > bucket_bytes or new_owner):
+            if self.buckets[-1] and (size + self.numel[id(p)] * p.element_size() > bucket_bytes or new_owner):
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
-            size += p.numel() * p.element_size()
+            size += self.numel[id(p)] * p.element_size()
         self.bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -78,7 +83,7 @@ class GradientReducer:
         start = time.perf_counter()
         bucket = self.buckets[index]
         reference = bucket[0]
-        pieces = [p.grad.reshape(-1) if p.grad is not None else reference.new_zeros(p.numel()) for p in bucket]
+        pieces = [p.grad.reshape(-1) if p.grad is not None else reference.new_zeros(self.numel[id(p)]) for p in bucket]
         presence = torch.tensor([p.grad is not None for p in bucket], dtype=reference.dtype)
         flat = torch.cat(pieces + [presence])
         if self.owner_of is None:
@@ -103,7 +108,7 @@ class GradientReducer:
             offset = 0
             presence = flat[-len(bucket):]
             for k, p in enumerate(bucket):
-                n = p.numel()
+                n = self.numel[id(p)]
                 p.grad = flat[offset: offset + n].view_as(p).clone() if presence[k] > 0 else None
                 offset += n
         self.seconds += time.perf_counter() - start
@@ -229,14 +234,16 @@ def gradient_reducers(model: torch.nn.Module, mesh: ProcessMesh, bucket_mb: floa
     if mesh.world_size == 1:
         return []
     bucket_bytes = int(bucket_mb * (1 << 20))
-    owner_of = None
-    if shards is not None and shards.mode in ("optimizer", "full"):
-        owner_of = {id(p): owner for p, owner in zip(shards.parameters, shards.owners)}
+    owner_of, sizes = None, None
+    if shards is not None:
+        sizes = {id(p): shape.numel() for p, shape in zip(shards.parameters, shards.shapes)}
+        if shards.mode in ("optimizer", "full"):
+            owner_of = {id(p): owner for p, owner in zip(shards.parameters, shards.owners)}
     dense = [p for p in model.parameters() if not is_expert_shard(p)]
     experts = [p for p in model.parameters() if is_expert_shard(p)]
-    reducers = [GradientReducer(dense, mesh.dense_grad_group, bucket_bytes, owner_of)]
+    reducers = [GradientReducer(dense, mesh.dense_grad_group, bucket_bytes, owner_of, sizes)]
     if experts and dist.get_world_size(mesh.expert_grad_group) > 1:
-        reducers.append(GradientReducer(experts, mesh.expert_grad_group, bucket_bytes, owner_of))
+        reducers.append(GradientReducer(experts, mesh.expert_grad_group, bucket_bytes, owner_of, sizes))
     return reducers
 
 
