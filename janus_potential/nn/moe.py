@@ -73,9 +73,12 @@ class MixtureOfExperts(nn.Module):
         pieces = []
         # block boundaries as a tensor (no .tolist()), so make_fx can trace the dispatch
         boundaries = torch.cumsum(counts, 0)[:-1].cpu()
+        # unbind once: indexing `self.w_in[e]` per expert would give every expert's weight
+        # gradient the size of ALL experts' weights (SelectBackward), O(E^2) memory traffic
+        w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
         for e, block in enumerate(torch.tensor_split(routed, boundaries)):
-            hidden = F.silu(torch.addmm(self.b_in[e], block, self.w_in[e]))
-            pieces.append(torch.addmm(self.b_out[e], hidden, self.w_out[e]))
+            hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
+            pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
         out = out.index_add(0, atom_of_slot, expert_out)
         return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)

@@ -94,9 +94,11 @@ class ExpertParallelMoE(nn.Module):
         by_expert = torch.argsort(expert_of_row, stable=True)
         grouped = received.index_select(0, by_expert)
         pieces = []
+        # unbind once (see MixtureOfExperts.forward: per-expert indexing costs O(E^2) in backward)
+        w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
         for e, block in enumerate(torch.split(grouped, counts_from.sum(0).tolist())):
-            hidden = F.silu(torch.addmm(self.b_in[e], block, self.w_in[e]))
-            pieces.append(torch.addmm(self.b_out[e], hidden, self.w_out[e]))
+            hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
+            pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
         computed = torch.cat(pieces, dim=0).index_select(0, torch.argsort(by_expert))
         returned = AllToAll.apply(computed, recv_counts, send_counts, self.group)
         out = out.index_add(0, atom_of_slot, returned * gate_of_slot)
