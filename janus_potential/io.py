@@ -54,7 +54,7 @@ def read_checkpoint_payload(path: PathLike) -> Dict[str, Any]:
     if is_torchscript_file(name):
         raise JanusInputError(f"{name!r} is an exported model file (TorchScript), not a checkpoint; "
                               "training and export need the checkpoint it was exported from")
-    payload = load_payload(name, "model file or checkpoint")
+    payload = load_payload(name, "model file or checkpoint", mmap=True)
     versions = {MODEL_CHECKPOINT_FORMAT: MODEL_CHECKPOINT_VERSION, TRAINING_CHECKPOINT_FORMAT: TRAINING_CHECKPOINT_VERSION}
     kind = payload.get("format")
     if kind not in versions:

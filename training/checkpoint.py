@@ -113,7 +113,7 @@ def _remove_stale_parts(folder: Path, keep: set) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, Any], CheckpointReader]:
     """The plain state of a training checkpoint and a reader of its tensors."""
-    payload = load_payload(path, "training checkpoint")
+    payload = load_payload(path, "training checkpoint", mmap=True)
     if payload.get("format") != TRAINING_FORMAT:
         raise JanusInputError(f"{os.fspath(path)!r} is not a Janus training checkpoint")
     if payload.get("version") != TRAINING_VERSION:
