@@ -5,7 +5,7 @@
 
 Each (kind, ranks) point runs under `mpirun -np N` (oversubscribed past the 2 cores) and
 measures one training step with energy+force loss (second derivatives) on the `small`
-preset, float32: dp splits a global batch of 8 structures x 32 atoms, ep shards the 8
+preset, float32, structures of 16 elements: dp splits a global batch of 8 structures x 32 atoms, ep shards the 8
 experts of every layer over the ranks for the same batch, dd splits one 512-atom periodic
 structure into slabs. Reported per step: steps/s, atoms/s, communication seconds and
 off-rank bytes per rank, and the achieved FLOP rate (matmul FLOPs of one step counted
@@ -18,6 +18,10 @@ each point and extrapolates to 1,000+ ranks. Writes bench/results/scaling.json.
 `--atoms-per-rank` atoms (dp/ep: that many atoms of 32-atom structures per rank, so the
 global batch grows with the ranks; dd: one structure of atoms-per-rank x ranks atoms), and
 efficiency = throughput(N) / (N x throughput(1)). Writes bench/results/scaling_weak.json.
+
+Before timing, the router is balanced (`--balance-steps`, default 30 AdamW steps on the MoE
+balance loss alone, `balance_router`): at its random initialisation it sends every atom to one
+or two experts per layer. "imbal" = the busiest ep rank's expert slots over the mean (1 = even).
 """
 
 from __future__ import annotations
@@ -38,9 +42,38 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GLOBAL_STRUCTURES, ATOMS_PER_STRUCTURE, DOMAIN_ATOMS = 8, 32, 512
+# 16 elements: the router picks experts by element, so a two-element batch can use at most
+# 2 x top-k of the experts, however balanced the router (a universal potential's batches mix
+# dozens of elements)
+ELEMENTS = ["H", "Li", "C", "N", "O", "F", "Na", "Mg", "Al", "Si", "P", "S", "Cl", "K", "Ca", "Fe"]
 
 
-def worker(kind: str, steps: int, atoms_per_rank: int = 0) -> dict:
+def balance_router(model, graph, reducers, steps: int, world: int) -> None:
+    """AdamW steps on the MoE balance loss alone, so that the router spreads the atoms over the
+    experts as a trained model's does (the balance loss is part of training). A router at its
+    random initialisation sends every atom of a 2-element batch to the same one or two experts
+    per layer, and ep then measures that one rank works for all: the router, not the parallelism."""
+    import torch
+    import torch.distributed as dist
+
+    from janus_potential.nn.moe import balance_loss
+
+    balancer = torch.optim.AdamW(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        balancer.zero_grad(set_to_none=True)
+        out = model.compute(graph, compute_virial=False, create_graph=False)
+        totals = torch.cat([out["expert_load"].detach().to(torch.float64).reshape(-1),
+                            torch.tensor([float(graph.positions.shape[0])], dtype=torch.float64)])
+        if world > 1:
+            dist.all_reduce(totals)
+        load = totals[:-1].view_as(out["expert_load"]).to(out["router_probability_sum"].dtype)
+        balance_loss(out["router_probability_sum"], load, float(totals[-1])).backward()
+        for reducer in reducers:
+            reducer.finish()
+        balancer.step()
+
+
+def worker(kind: str, steps: int, atoms_per_rank: int = 0, balance_steps: int = 0) -> dict:
     """One (kind, ranks) point; `atoms_per_rank` > 0: weak scaling with that much work per rank."""
     import torch
     import torch.distributed as dist
@@ -74,13 +107,13 @@ def worker(kind: str, steps: int, atoms_per_rank: int = 0) -> dict:
         if experts and mesh.dp > 1:
             reducers.append(GradientReducer(experts, mesh.expert_grad_group))
     if kind == "dd":
-        atoms = random_structure(["Si", "O"], domain_atoms, seed=0, density=0.07, min_distance=1.5)
+        atoms = random_structure(ELEMENTS, domain_atoms, seed=0, density=0.07, min_distance=1.5)
         graph = build_graph(atoms, model.cutoff, dtype=torch.float32)
         domain_model = DomainModel.build(model, graph, mesh.dd_group)
         local_atoms = domain_model.domain.n_owned
     else:
         mine = split_by_atoms(list(range(global_structures)), [ATOMS_PER_STRUCTURE] * global_structures, world)[mesh.rank]
-        frames = {k: random_structure(["Si", "O"], ATOMS_PER_STRUCTURE, seed=k, density=0.07) for k in mine}
+        frames = {k: random_structure(ELEMENTS, ATOMS_PER_STRUCTURE, seed=k, density=0.07) for k in mine}
         graphs = {k: build_graph(a, model.cutoff, dtype=torch.float32) for k, a in frames.items()}
         graph = batch_graphs([graphs[k] for k in mine])
         local_atoms = graph.positions.shape[0]
@@ -107,6 +140,15 @@ def worker(kind: str, steps: int, atoms_per_rank: int = 0) -> dict:
             sent += domain_model.plan.bytes_sent[0]
         return seconds, sent
 
+    if balance_steps and kind != "dd":
+        balance_router(model, graph, reducers, balance_steps, world)
+    if kind != "dd":
+        load = model.compute(graph, compute_virial=False, create_graph=False)["expert_load"].detach()
+        if world > 1:
+            dist.all_reduce(load)
+        # slots each ep rank's experts process, per layer: the slowest rank's share against the mean
+        per_rank = load.view(load.shape[0], mesh.ep, -1).sum(-1)
+        imbalance = float((per_rank.max(dim=1).values / per_rank.mean(dim=1)).max())
     step()  # warm-up
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
         step()
@@ -126,6 +168,8 @@ def worker(kind: str, steps: int, atoms_per_rank: int = 0) -> dict:
               "expert_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if is_expert_shard(p))}
     if kind == "dd":
         record["ghosts"] = domain_model.domain.n_local - domain_model.domain.n_owned
+    else:
+        record["expert_imbalance"] = imbalance
     if kind == "dp" and world == 2:
         record["alpha_beta"] = fit_alpha_beta(mesh)
     records = [record]
@@ -199,11 +243,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--weak", action="store_true", help="fixed work per rank (weak scaling)")
     parser.add_argument("--atoms-per-rank", type=int, default=2048, help="--weak: atoms per rank (default 2048)")
+    parser.add_argument("--balance-steps", type=int, default=30,
+                        help="AdamW steps on the MoE balance loss before timing (0: the random-init router)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     atoms_per_rank = args.atoms_per_rank if args.weak else 0
     if args.worker:
-        result = worker(args.worker, args.steps, atoms_per_rank)
+        result = worker(args.worker, args.steps, atoms_per_rank, args.balance_steps)
         if int(os.environ.get("PMI_RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return
@@ -218,7 +264,8 @@ def main() -> None:
     points = []
     for kind in args.kinds:
         for ranks in args.ranks:
-            command = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps)]
+            command = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
+                       "--balance-steps", str(args.balance_steps)]
             if args.weak:
                 command += ["--weak", "--atoms-per-rank", str(args.atoms_per_rank)]
             if ranks > 1:
@@ -250,6 +297,7 @@ def main() -> None:
                                            if p["kind"] == "dd" else 0.0),
             "model_comm_s": model_comm_seconds(p["kind"], p["ranks"], point, alpha, beta),
             "gflop_s": sum(r["matmul_flops"] for r in per_rank) / step_s / 1e9,
+            "expert_imbalance": per_rank[0].get("expert_imbalance"),
         })
         rows[-1]["fraction_of_matmul_rate"] = rows[-1]["gflop_s"] * 1e9 / (core_rate * min(p["ranks"], cores))
     base = {r["kind"]: r["atoms_per_s"] for r in rows if r["ranks"] == 1}
@@ -269,12 +317,13 @@ def main() -> None:
     print(f"fp32 matmul rate: {core_rate / 1e9:.1f} GFLOP/s per core (1024x1024, one thread), {cores} cores; "
           f"'% peak' = achieved / (that x min(ranks, cores))")
     print(f"{'kind':4} {'ranks':>5} {'steps/s':>8} {'atoms/s':>8} {'eff':>5} {'comm s':>8} {'model s':>8} "
-          f"{'MB/rank':>8} {'model MB':>8} {'GFLOP/s':>8} {'% peak':>7}")
+          f"{'MB/rank':>8} {'model MB':>8} {'GFLOP/s':>8} {'% peak':>7} {'imbal':>6}")
     for r in rows:
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
         print(f"{r['kind']:4} {r['ranks']:5d} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} {eff:>5} "
               f"{r['comm_s']:8.4f} {r['model_comm_s']:8.4f} {r['comm_bytes'] / 1e6:8.3f} {r['model_bytes'] / 1e6:8.3f} "
-              f"{r['gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:6.1f}%")
+              f"{r['gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:6.1f}% "
+              f"{r['expert_imbalance'] or 0:6.2f}")
     print(f"extrapolation ({extrapolation_atoms} atoms per rank; dd as 3-D cubic domains):")
     for e in extrapolation:
         print(f"  {e['ranks']:5d} ranks: dp {e['dp_bytes_per_rank'] / 1e6:7.2f} MB {e['dp_comm_s']:8.3f} s ring "
@@ -283,7 +332,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / ("scaling_weak.json" if args.weak else "scaling.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "weak": args.weak,
-                               "atoms_per_rank": atoms_per_rank, "alpha_beta": fit, "matmul_gflop_s_per_core": core_rate / 1e9, "cores": cores,
+                               "atoms_per_rank": atoms_per_rank, "balance_steps": args.balance_steps, "alpha_beta": fit, "matmul_gflop_s_per_core": core_rate / 1e9, "cores": cores,
                                "points": points, "table": rows, "extrapolation": extrapolation}, indent=1))
     print(f"wrote {out}")
 
