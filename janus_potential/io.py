@@ -27,6 +27,7 @@ import torch
 from .config import ModelConfig
 from .errors import JanusInputError
 from .integrity import DIGEST_KEY, load_payload
+from .lora import has_lora, merge_lora_state
 
 MODEL_CHECKPOINT_FORMAT = "janus-checkpoint"
 MODEL_CHECKPOINT_VERSION = 1
@@ -147,6 +148,8 @@ def model_from_payload(payload: Dict[str, Any], path: PathLike, use_ema: bool = 
         state = reader.state_dict("model/")
         if use_ema:  # without an EMA (optim.ema_decay 0) the EMA weights are the weights
             state.update(reader.state_dict("ema/"))
+        if has_lora(state):  # a LoRA fine-tuning run: adapters merged into plain weights
+            state = merge_lora_state(state)
         config = payload["model_config"]
     else:
         state, config = payload["state_dict"], payload["config"]

@@ -21,7 +21,7 @@ import yaml
 from janus_potential.config import PRESETS, ModelConfig
 from janus_potential.errors import JanusInputError
 
-DATA_PATH_KEYS = ("train", "validation")  # the data section's file lists
+DATA_PATH_KEYS = ("train", "validation", "replay")  # the data section's file lists
 
 
 def _boolean(value: Any) -> bool:
@@ -98,6 +98,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     for key in DATA_PATH_KEYS:
         if key in data:
             data[key] = _relative_to(path.parent, data[key])
+    model = values.get("model") or {}
+    if model.get("init_from"):
+        model["init_from"] = _relative_to(path.parent, model["init_from"])
     return values
 
 
@@ -131,6 +134,10 @@ class DataConfig:
     max_structures: int = 0  # 0: all
     num_workers: int = 2  # DataLoader processes building graphs (at most the cores; 0: the training process)
     prefetch_factor: int = 2  # batches each worker keeps ready
+    # fine-tuning: frames of earlier training data (files or packs) mixed into every batch,
+    # `replay_fraction` of each batch's atom budget (docs/training.md, "Fine-tuning")
+    replay: list[str] = field(default_factory=list)
+    replay_fraction: float = 0.0
 
 
 @dataclass
@@ -138,6 +145,13 @@ class ModelSection:
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
     restrict_elements: bool = True  # the exported model covers the elements seen in training
+    # fine-tuning (docs/training.md, "Fine-tuning"): start from a trained model (a model or
+    # training checkpoint; its architecture replaces preset/overrides), freeze parameters by
+    # name pattern, or train rank-r adapters (LoRA) of the weight matrices only
+    init_from: str = ""
+    freeze: list[str] = field(default_factory=list)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # adapter scale alpha / rank; 0: alpha = rank
 
 
 @dataclass
@@ -198,7 +212,7 @@ RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
     ("zero or positive", lambda value: value >= 0,
      ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps",
       "optim.epochs", "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
-      "run.threads", "run.max_minutes")),
+      "run.threads", "run.max_minutes", "model.lora_rank", "model.lora_alpha")),
     ("between 0 and 1", lambda value: 0 <= value <= 1,
      ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
 )
@@ -235,6 +249,17 @@ class TrainConfig:
         for key, choices in CHOICES.items():
             if self.value(key) not in choices:
                 raise JanusInputError(f"config key {key} must be one of {', '.join(choices)}, got {self.value(key)!r}")
+        if not 0 <= self.data.replay_fraction < 1:
+            raise JanusInputError(f"config key data.replay_fraction must be at least 0 and below 1, "
+                                  f"got {self.data.replay_fraction!r}")
+        if bool(self.data.replay) != bool(self.data.replay_fraction):
+            raise JanusInputError("config keys data.replay and data.replay_fraction go together: replay data "
+                                  "needs a fraction of each batch above 0, and a fraction needs replay data")
+        if self.model.lora_rank and self.parallel.ep > 1:
+            raise JanusInputError("model.lora_rank: LoRA adapters are not supported with expert parallelism "
+                                  "(parallel.ep > 1) yet")
+        if self.model.lora_rank and self.model.freeze:
+            raise JanusInputError("model.lora_rank freezes every original weight already; leave model.freeze empty")
         if not (self.optim.max_steps or self.optim.epochs):
             raise JanusInputError("config keys optim.max_steps and optim.epochs are both 0: set one of them")
         try:

@@ -36,6 +36,7 @@ class Sample:
     weight: float
     source: str  # info["source"] of the frame (the file name when absent)
     file: str  # the data file's name without extension
+    replay: bool = False  # a frame of `data.replay` (fine-tuning)
 
     @property
     def num_atoms(self) -> int:
@@ -110,6 +111,49 @@ class FrameSamples(Sequence):
         return np.unique(composition.element[np.repeat(chosen, np.diff(composition.offset))])
 
 
+class ReplayedSamples(Sequence):
+    """The training samples followed by the replay samples (fine-tuning): index k <
+    len(train) is train[k], the rest replay[k - len(train)], marked `replay`."""
+
+    def __init__(self, train: FrameSamples, replay: FrameSamples) -> None:
+        self.train, self.replay = train, replay
+        self.sizes = np.concatenate([train.sizes, replay.sizes])
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.replay)
+
+    def __getitem__(self, position: Any) -> Any:
+        if position < len(self.train):
+            return self.train[position]
+        return dataclasses.replace(self.replay[position - len(self.train)], replay=True)
+
+
+def with_replay(batches: Batches, train_count: int, replay_sizes: np.ndarray, replay_atoms: int, seed: int,
+                epoch: int) -> Batches:
+    """`batches` (of training frames) with replay frames appended to each: at least one and
+    up to `replay_atoms` atoms, drawn in a (seed, epoch) permutation of the replay frames
+    that wraps around. Replay indices are offset by `train_count` (`ReplayedSamples`)."""
+    order = np.random.default_rng([seed, epoch, 1]).permutation(len(replay_sizes))
+    position = 0
+    merged: list[np.ndarray] = []
+    ends = []
+    total = 0
+    for b in range(len(batches)):
+        picked, atoms = [], 0
+        while not picked or atoms + replay_sizes[order[position % len(order)]] <= replay_atoms:
+            k = order[position % len(order)]
+            picked.append(train_count + int(k))
+            atoms += int(replay_sizes[k])
+            position += 1
+            if len(picked) >= len(order):
+                break
+        batch = np.asarray(batches[b] + picked, dtype=np.int64)
+        merged.append(batch)
+        total += len(batch)
+        ends.append(total)
+    return Batches(np.concatenate(merged) if merged else np.zeros(0, dtype=np.int64), np.asarray(ends, dtype=np.int64))
+
+
 def split_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/validation split of frames 0..count-1 by seed."""
     order = np.random.default_rng(seed).permutation(count)
@@ -178,6 +222,7 @@ class Batch:
     weight: torch.Tensor  # [G]
     sources: list[str]
     files: list[str]
+    replay: torch.Tensor | None = None  # [G] bool: frames of `data.replay`
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -192,4 +237,5 @@ def collate(samples: Sequence[Sample]) -> Batch:
         weight=torch.tensor([s.weight for s in samples]),
         sources=[s.source for s in samples],
         files=[s.file for s in samples],
+        replay=torch.tensor([s.replay for s in samples]),
     )

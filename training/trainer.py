@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from janus_potential.errors import JanusInputError
+from janus_potential.lora import add_lora
 from janus_potential.model import DTYPES, JanusPotential
 from janus_potential.nn.moe import balance_loss
 from janus_potential.parallel.domain import DomainModel
@@ -55,7 +56,9 @@ from janus_potential.parallel.mesh import ProcessMesh
 
 from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig
-from .data import Batches, FrameSamples, Sample, atom_budget_batches, collate, split_indices
+from .data import (Batches, FrameSamples, ReplayedSamples, Sample, atom_budget_batches, collate, split_indices,
+                   with_replay)
+from .finetune import freeze, load_parent, new_element_references
 from .distributed import (ForwardPass, OwnedAtoms, ParameterShards, ShardedAdamW, gradient_reducers,
                           split_by_atoms)
 from .loader import FlaggedSamples, sample_loader, worker_count
@@ -127,9 +130,22 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _build_model(self) -> JanusPotential:
-        """The model to train, its experts sharded over the ep group before the optimizer sees
-        the parameters."""
-        model = JanusPotential.from_preset(self.config.model.preset, **self.config.model.overrides).to(self.dtype)
+        """The model to train (a preset, or the parent of a fine-tuning run with its adapters
+        and frozen parts), its experts sharded over the ep group before the optimizer sees the
+        parameters."""
+        section = self.config.model
+        self.parent: Optional[Dict[str, str]] = None
+        if section.init_from:
+            parent, self.parent = load_parent(section.init_from)
+            model = JanusPotential(parent.config).to(self.dtype)
+            model.load_state_dict(parent.state_dict())
+            del parent
+        else:
+            model = JanusPotential.from_preset(section.preset, **section.overrides).to(self.dtype)
+        if section.lora_rank:
+            adapters = add_lora(model, section.lora_rank, section.lora_alpha)
+            if self.is_main:
+                print(f"LoRA rank {section.lora_rank}: {adapters:,} adapter parameters trained, the rest frozen")
         ep = self.mesh.ep
         if model.config.num_experts % ep:
             raise JanusInputError(f"parallel.ep={ep} does not divide the {model.config.num_experts} experts per layer "
@@ -138,6 +154,10 @@ class Trainer:
         model = shard_experts(model, self.mesh.ep_group)
         # checkpoints index optimizer state by parameter position: the shards keep the order
         assert [name for name, _ in model.named_parameters()] == names
+        if section.freeze:
+            frozen = freeze(model, section.freeze)
+            if self.is_main:
+                print(f"model.freeze: {frozen} parameter tensors frozen")
         return model
 
     def _build_optimizer(self):
@@ -180,7 +200,15 @@ class Trainer:
         self.validation_samples = FrameSamples(validation_frames, validation, cutoff, self.dtype)
         if not len(self.train_samples):
             raise JanusInputError("the training set is empty")
-        self.sizes = self.train_samples.sizes
+        self.samples = self.train_samples  # what the loader indexes: training frames, then replay frames
+        if data.replay:
+            replay_frames = open_dataset(data.replay, data.cache_dir, run.progress, run.progress_every_s)
+            self.replay_samples = FrameSamples(replay_frames, np.arange(len(replay_frames)), cutoff, self.dtype)
+            if not len(self.replay_samples):
+                raise JanusInputError("data.replay holds no frames")
+            self.samples = ReplayedSamples(self.train_samples, self.replay_samples)
+        self.sizes = self.samples.sizes
+        self._batch_cache: Dict[int, Batches] = {}
         self.num_workers = worker_count(data.num_workers)
         too_big = int(self.sizes.max())
         if too_big > data.max_atoms_per_batch:
@@ -190,6 +218,9 @@ class Trainer:
         """Reference energies, energy scale and element coverage from the packs' per-frame
         statistics (no pass over the frames)."""
         samples = self.train_samples
+        if self.parent is not None:
+            self._extend_parent()
+            return
         has_labels = samples.column("has_labels")
         with_energy = np.nonzero(has_labels[:, 0])[0]
         with_forces = has_labels[:, 1]
@@ -205,6 +236,32 @@ class Trainer:
                 seen[torch.as_tensor(elements, dtype=torch.long)] = True
                 self.model.supported.copy_(seen)
 
+    def _extend_parent(self) -> None:
+        """A fine-tuning run keeps the parent's reference energies, energy scale and elements
+        (so step 0 predicts what the parent predicts); elements of the new data (training,
+        validation and replay) it does not cover are added with fitted reference energies."""
+        samples = self.train_samples
+        with_energy = np.nonzero(samples.column("has_labels")[:, 0])[0]
+        with torch.no_grad():
+            reference, new = new_element_references(
+                self.model.reference_energies, self.model.supported, samples.composition().rows(with_energy),
+                samples.column("energy")[with_energy], self.model.config.max_atomic_number)
+            elements = [samples.elements(), self.validation_samples.elements()]
+            if self.config.data.replay:
+                elements.append(self.replay_samples.elements())
+            missing = np.setdiff1d(np.concatenate(elements), np.nonzero(self.model.supported.numpy())[0])
+            unfitted = sorted(set(missing.tolist()) - set(new))
+            if unfitted:
+                raise JanusInputError(f"elements {unfitted} are new to the parent model but have no labelled energy "
+                                      "in the training data, so they get no reference energy")
+            self.model.reference_energies.copy_(reference)
+            if new:
+                self.model.supported[torch.as_tensor(new)] = True
+                if self.is_main:
+                    from ase.data import chemical_symbols
+                    print(f"elements new to the parent model: {', '.join(chemical_symbols[z] for z in new)} "
+                          "(reference energies fitted, embeddings trained from scratch)")
+
     def _tensorboard(self):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -214,9 +271,22 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int) -> Batches:
         """The global batches of an epoch: `data.max_atoms_per_batch` is per data rank, so the
-        global budget is that times the dp x ep data ranks (one process: the same)."""
-        budget = self.config.data.max_atoms_per_batch * self.data_ranks
-        return atom_budget_batches(self.sizes, budget, self.config.run.seed, epoch)
+        global budget is that times the dp x ep data ranks (one process: the same). With
+        replay data, `data.replay_fraction` of the budget goes to replay frames."""
+        if epoch in self._batch_cache:
+            return self._batch_cache[epoch]
+        data, seed = self.config.data, self.config.run.seed
+        budget = data.max_atoms_per_batch * self.data_ranks
+        count = len(self.train_samples)
+        if data.replay:
+            replay_atoms = max(1, int(round(data.replay_fraction * budget)))
+            batches = with_replay(atom_budget_batches(self.sizes[:count], max(1, budget - replay_atoms), seed, epoch),
+                                  count, self.sizes[count:], replay_atoms, seed, epoch)
+        else:
+            batches = atom_budget_batches(self.sizes, budget, seed, epoch)
+        self._batch_cache = {e: b for e, b in self._batch_cache.items() if e >= epoch - 1}
+        self._batch_cache[epoch] = batches
+        return batches
 
     def _share(self, batch: List[int]) -> List[tuple]:
         """This rank's part of a global batch as (frame, counted) keys: the structures it
@@ -303,8 +373,13 @@ class Trainer:
         }
 
     def provenance(self) -> Dict[str, Any]:
-        return {"trainer": "janus_potential.training", "step": self.step, "epoch": self.epoch,
-                "data": list(self.config.data.train), "preset": self.config.model.preset}
+        record = {"trainer": "janus_potential.training", "step": self.step, "epoch": self.epoch,
+                  "data": list(self.config.data.train), "preset": self.config.model.preset}
+        if self.parent is not None:
+            record["parent"] = self.parent
+        if self.config.data.replay:
+            record["replay"] = list(self.config.data.replay)
+        return record
 
     def _read_piece(self, reader, key: str, name: str) -> torch.Tensor:
         """This rank's rows of checkpoint tensor `key` (of parameter `name`), whatever layout wrote it."""
@@ -470,13 +545,36 @@ class Trainer:
 
         logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64)
                               for n in names + ["total"]] + [balance.detach().to(torch.float64)])
+        logged = torch.cat([logged, self._force_errors_by_source(evaluations)])
         if self.world > 1:
             dist.all_reduce(logged)
         out = {n: float(v) for n, v in zip(names + ["total", "balance"], logged)}
+        if self.config.data.replay:  # the mix in effect: force MAE of the new and the replayed frames
+            sums = logged[5:]
+            out["forces_mae_new"] = float(sums[0] / sums[1].clamp(min=1))
+            out["forces_mae_replay"] = float(sums[2] / sums[3].clamp(min=1))
         if not bool(total_counts[2] > 0):
             out.pop("stress")
         out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))))
         return out
+
+    def _force_errors_by_source(self, evaluations: List[ForwardPass]) -> torch.Tensor:
+        """(sum of |force error| components, components) for the training frames and for the
+        replay frames of this rank's counted evaluations (zeros without replay data)."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        if not self.config.data.replay:
+            return sums
+        for evaluation in evaluations:
+            target = evaluation.target
+            if not evaluation.counted or target.replay is None:
+                continue
+            replayed = target.replay[target.graph.batch] & target.has_forces
+            fresh = ~target.replay[target.graph.batch] & target.has_forces
+            error = (evaluation.prediction["forces"].detach() - torch.nan_to_num(target.forces)).abs().to(torch.float64)
+            for k, mask in enumerate((fresh, replayed)):
+                sums[2 * k] += error[mask].sum()
+                sums[2 * k + 1] += 3 * int(mask.sum())
+        return sums
 
     def _balance_share(self, evaluations: List[ForwardPass], global_loads: torch.Tensor,
                        global_atoms: float) -> torch.Tensor:
@@ -590,7 +688,7 @@ class Trainer:
         progress = TrainingProgress(run.progress, self.step, self.total_steps, 60 * run.max_minutes,
                                     run.progress_every_s)
         window_atoms, window_time, window_wait = 0, 0.0, 0.0
-        stream = iter(sample_loader(FlaggedSamples(self.train_samples), self._planned_batches(), self.num_workers,
+        stream = iter(sample_loader(FlaggedSamples(self.samples), self._planned_batches(), self.num_workers,
                                     self.config.data.prefetch_factor))
         while not self._finished():
             epoch_size = len(self._epoch_batches(self.epoch))
