@@ -28,7 +28,10 @@ def _export(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise JanusInputError(f"cannot write {args.output}: folder {str(folder)!r} does not exist")
     model = load_model(args.checkpoint)
-    metadata = export_model(model, args.output, dtype=args.dtype)
+    heads = list(model.config.output_heads)
+    if heads and args.head is None:
+        print(f"note: the model has output heads {', '.join(heads)}; exporting {heads[0]!r} (choose with --head)")
+    metadata = export_model(model, args.output, dtype=args.dtype, head=args.head)
     print(f"wrote {args.output}: {metadata['dtype']}, cutoff {metadata['cutoff']} A, "
           f"{metadata['num_interactions']} layers, {len(metadata['elements'])} elements, "
           f"{metadata['parameters']['total_parameters']:,} parameters")
@@ -55,6 +58,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint written by training or JanusPotential.save")
     p.add_argument("-o", "--output", default="model.pt", help="output file (default: model.pt)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--head", help="output head of a multi-head (multi-fidelity) model to export (default: its first)")
     p.set_defaults(handler=_export)
 
 

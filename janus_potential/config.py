@@ -39,6 +39,9 @@ class ModelConfig:
     zbl: bool = True  # ZBL short-range repulsion prior (nn/repulsion.py)
     zbl_switch_on: float = 0.25  # ZBL fully on below this fraction of the covalent-radius sum
     zbl_switch_off: float = 0.5  # and off above this one
+    # output heads (multi-fidelity): datasets of different DFT settings share the body and
+    # get their own readout, energy scale and reference energies; empty: one head
+    output_heads: tuple = ()
 
     def __post_init__(self) -> None:
         if self.three_body_cutoff > self.cutoff:
@@ -47,6 +50,9 @@ class ModelConfig:
             raise ValueError("experts_per_atom must be between 1 and num_experts")
         if self.cutoff <= 0 or self.three_body_cutoff <= 0:
             raise ValueError("cutoffs must be positive")
+        self.output_heads = tuple(self.output_heads)
+        if len(set(self.output_heads)) != len(self.output_heads):
+            raise ValueError(f"output head names must be unique, got {list(self.output_heads)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":

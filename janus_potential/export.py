@@ -45,10 +45,16 @@ def export_metadata(model: JanusPotential, dtype: str, provenance: Dict[str, Any
 
 
 def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "float32",
-                 provenance: Dict[str, Any] | None = None) -> Dict[str, Any]:
-    """Script `model` in `dtype` and write it with its metadata to `path` (atomically)."""
+                 provenance: Dict[str, Any] | None = None, head: str | None = None) -> Dict[str, Any]:
+    """Script `model` in `dtype` and write it with its metadata to `path` (atomically). A
+    multi-head model is exported as the plain model of one head (`head`, default its first):
+    the file, the calculator and the LAMMPS plugin then know nothing of heads."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if model.config.output_heads:
+        model = model.select_head(head or model.config.output_heads[0])
+    elif head is not None:
+        raise JanusInputError(f"--head {head}: the model has a single output head")
     exported = JanusPotential(model.config).to(DTYPES[dtype])
     exported.load_state_dict(model.state_dict())
     exported.eval()

@@ -19,6 +19,7 @@ from C++ with LAMMPS's communication between layers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import JanusInputError
 from .integrity import save_payload
 from .io import MODEL_CHECKPOINT_FORMAT, MODEL_CHECKPOINT_VERSION
 from .nn.geometry import Geometry, GeometryBuilder
@@ -94,12 +96,15 @@ def run_layers(model, h: torch.Tensor, species: torch.Tensor, geometry: Geometry
 
 def atom_energies(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                   num_owned: int = -1,
-                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, Routing]:
+                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                  atom_head: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Routing]:
     """Energies of the owned atoms (all atoms of a ghost-free graph) and the MoE routing:
-    prepare, embed, the layers, readout."""
+    prepare, embed, the layers, readout (per atom through `atom_head` in a multi-head model)."""
     geometry = model.prepare(species, edge_index, edge_vectors)
     h, routing = run_layers(model, model.embed(species), species, geometry, num_owned, exchange)
     owned = species.shape[0] if num_owned < 0 else num_owned
+    if atom_head is not None:
+        return model.readout_heads(h[:owned], species[:owned], geometry, atom_head[:owned]), routing
     return model.readout(h[:owned], species[:owned], geometry), routing
 
 
@@ -121,14 +126,17 @@ def outputs_from_edge_gradient(edge_gradient: torch.Tensor, edge_vectors: torch.
 
 def evaluate(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
              batch: torch.Tensor, num_graphs: int, compute_forces: bool = True, compute_virial: bool = True,
-             create_graph: bool = False, volumes: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+             create_graph: bool = False, volumes: Optional[torch.Tensor] = None,
+             head: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Energies [G] (float64), atom energies [N], forces [N, 3], virial [G, 3, 3] and (given
     the volumes) stress of a ghost-free graph, from ONE autograd pass of the energy with
     respect to the edge vectors, and the MoE routing sums ([L, E]: `router_probability_sum`,
-    `expert_load`). `model`: a `JanusPotential` or an exported one."""
+    `expert_load`). `model`: a `JanusPotential` or an exported one; `head` [G]: the output
+    head of each structure of a multi-head model (None: head 0)."""
     if (compute_forces or compute_virial) and not edge_vectors.requires_grad:
         edge_vectors = edge_vectors.detach().requires_grad_(True)
-    atom_energy, routing = atom_energies(model, species, edge_index, edge_vectors)
+    atom_head = head.index_select(0, batch) if head is not None else None
+    atom_energy, routing = atom_energies(model, species, edge_index, edge_vectors, atom_head=atom_head)
     energy = torch.zeros(num_graphs, dtype=torch.float64, device=atom_energy.device)
     energy = energy.index_add(0, batch, atom_energy.to(torch.float64))
     result = {"energy": energy, "atom_energies": atom_energy, "router_probability_sum": routing.probability_sum,
@@ -171,15 +179,45 @@ class JanusPotential(nn.Module):
                 for _ in range(config.num_interactions)
             ]
         )
-        self.readout_mlp = nn.Sequential(
-            nn.LayerNorm(config.features), nn.Linear(config.features, config.readout_hidden), nn.SiLU(),
-            nn.Linear(config.readout_hidden, 1),
-        )
+        self.readout_mlp = self._readout_mlp(config)
         self.register_buffer("reference_energies", torch.zeros(n_species))
         self.register_buffer("energy_scale", torch.ones(()))
+        # heads 1.. of a multi-head model (head 0 is the readout above); `select_head` makes a
+        # plain model of one head, which is what gets exported
+        extra = max(0, len(config.output_heads) - 1)
+        if extra:
+            self.head_readout_mlps = nn.ModuleList([self._readout_mlp(config) for _ in range(extra)])
+            self.register_buffer("head_reference_energies", torch.zeros(extra, n_species))
+            self.register_buffer("head_energy_scale", torch.ones(extra))
         self.register_buffer("supported", torch.ones(n_species, dtype=torch.bool).index_fill(0, torch.tensor([0]), False))
 
     # ----------------------------------------------------------------- construction
+    @staticmethod
+    def _readout_mlp(config: ModelConfig) -> nn.Module:
+        return nn.Sequential(
+            nn.LayerNorm(config.features), nn.Linear(config.features, config.readout_hidden), nn.SiLU(),
+            nn.Linear(config.readout_hidden, 1),
+        )
+
+    @torch.jit.unused
+    def select_head(self, name: str) -> "JanusPotential":
+        """A plain (one-head) model of output head `name`: the shared body with that head's
+        readout, energy scale and reference energies. What `janus export --head` writes."""
+        heads = list(self.config.output_heads)
+        if name not in heads:
+            raise JanusInputError(f"the model has no output head {name!r}; its heads: {', '.join(heads) or 'none'}")
+        k = heads.index(name)
+        plain = JanusPotential(dataclasses.replace(self.config, output_heads=())).to(self.embedding.weight.dtype)
+        state = {key: value for key, value in self.state_dict().items() if not key.startswith("head_")}
+        if k:
+            for key, value in self.head_readout_mlps[k - 1].state_dict().items():
+                state[f"readout_mlp.{key}"] = value
+            state["reference_energies"] = self.head_reference_energies[k - 1]
+            state["energy_scale"] = self.head_energy_scale[k - 1]
+        plain.load_state_dict(state)
+        plain.provenance = dict(getattr(self, "provenance", {}), head=name)
+        return plain
+
     @classmethod
     def from_preset(cls, name: str = "small", **overrides: Any) -> "JanusPotential":
         return cls(ModelConfig.from_preset(name, **overrides))
@@ -228,13 +266,26 @@ class JanusPotential(nn.Module):
     def readout(self, h: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """Energies of the first `h.shape[0]` atoms (the owned ones: every edge is centred on
         an owned atom): learned + per-element reference + the ZBL prior of their edges."""
-        learned = self.readout_mlp(h).squeeze(-1) * self.energy_scale
-        repulsion = torch.zeros(h.shape[0], dtype=geometry.repulsion.dtype, device=h.device)
+        learned = self.readout_mlp(h).squeeze(-1) * self.energy_scale + self.reference_energies.index_select(0, species)
+        return self._with_repulsion(learned, species, geometry)
+
+    def _with_repulsion(self, learned: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        repulsion = torch.zeros(learned.shape[0], dtype=geometry.repulsion.dtype, device=learned.device)
         repulsion = repulsion.index_add(0, geometry.centre, geometry.repulsion)
-        energy = learned + self.reference_energies.index_select(0, species) + repulsion.to(learned.dtype)
+        energy = learned + repulsion.to(learned.dtype)
         # species 0 marks atoms this potential does not describe (LAMMPS NULL types under
         # pair_style hybrid): they carry no edges and no energy
         return torch.where(species > 0, energy, torch.zeros_like(energy))
+
+    @torch.jit.unused
+    def readout_heads(self, h: torch.Tensor, species: torch.Tensor, geometry: Geometry,
+                      atom_head: torch.Tensor) -> torch.Tensor:
+        """`readout` of a multi-head model, each atom through the head of its structure."""
+        learned = self.readout_mlp(h).squeeze(-1) * self.energy_scale + self.reference_energies.index_select(0, species)
+        for k, mlp in enumerate(self.head_readout_mlps):
+            other = mlp(h).squeeze(-1) * self.head_energy_scale[k] + self.head_reference_energies[k].index_select(0, species)
+            learned = torch.where(atom_head == k + 1, other, learned)
+        return self._with_repulsion(learned, species, geometry)
 
     @torch.jit.unused
     def forward(
@@ -256,10 +307,14 @@ class JanusPotential(nn.Module):
 
     # ----------------------------------------------------------------- eager helpers
     @torch.jit.unused
-    def compute(self, graph, compute_virial: bool = True, create_graph: bool = False) -> Dict[str, torch.Tensor]:
-        """Energies, forces, virial and stress (ASE convention) of an `AtomGraph`."""
+    def compute(self, graph, compute_virial: bool = True, create_graph: bool = False,
+                head: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Energies, forces, virial and stress (ASE convention) of an `AtomGraph` (`head` [G]:
+        each structure's output head in a multi-head model)."""
+        if head is not None and not self.config.output_heads:
+            head = None
         return evaluate(self, graph.species, graph.edge_index, graph.edge_vectors(), graph.batch, graph.num_graphs,
-                        True, compute_virial, create_graph, graph.volumes() if compute_virial else None)
+                        True, compute_virial, create_graph, graph.volumes() if compute_virial else None, head)
 
     @torch.jit.unused
     def save_checkpoint(self, path: str | os.PathLike, provenance: Optional[Dict[str, Any]] = None) -> None:

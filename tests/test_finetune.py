@@ -171,3 +171,51 @@ def test_replay_mixes_a_fraction_of_every_batch_and_logs_both_sources(data, tmp_
     steps = [r for r in records if "train_total" in r]
     assert steps and all(r["train_forces_mae_replay"] > 0 and r["train_forces_mae_new"] > 0 for r in steps)
     assert trainer.provenance()["replay"] == [str(data / "old.xyz")]
+
+
+def test_output_heads_fit_their_own_references_and_export_one_head(tmp_path):
+    """Two datasets of the same structures whose energies differ by per-element shifts (two
+    DFT settings): each head's reference energies are fitted from its own frames (they
+    differ by exactly the shifts), and `export --head` writes the plain model of that head."""
+    import subprocess
+    import sys
+
+    from ase.io import read
+
+    reference = JanusCalculator(make_model(seed=7))
+    frames = labelled(["Li", "Mg", "O"], 10, 0, reference)
+    shift = {3: 0.5, 12: -1.25, 8: 2.0}
+    write(tmp_path / "pbe.xyz", frames)
+    shifted = []
+    for atoms in frames:
+        copy = atoms.copy()
+        results = dict(atoms.calc.results)
+        results["energy"] = results["energy"] + sum(shift[z] for z in atoms.numbers)
+        copy.calc = SinglePointCalculator(copy, **results)
+        shifted.append(copy)
+    write(tmp_path / "scan.xyz", shifted)
+    run = tmp_path / "run"
+    trainer = Trainer(TrainConfig.load(None, [
+        f"data.train=[{tmp_path / 'pbe.xyz'}@pbe, {tmp_path / 'scan.xyz'}@scan]", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_fraction=0", "data.max_atoms_per_batch=30", "data.num_workers=0", "model.preset=tiny",
+        "optim.max_steps=2", "optim.warmup_steps=0", "run.dtype=float64", "run.progress=false", f"run.output={run}"]))
+    model = trainer.model
+    assert list(model.config.output_heads) == ["pbe", "scan"]
+    difference = model.head_reference_energies[0] - model.reference_energies
+    for z, value in shift.items():
+        assert abs(float(difference[z]) - value) < 1e-8
+    trainer.fit()
+    model = load_model(run / "checkpoint.pt")
+    atoms = read(tmp_path / "scan.xyz", "3")
+    graph = build_graph(atoms, model.cutoff, dtype=torch.float64)
+    both = {name: model.compute(graph, head=torch.tensor([k])) for k, name in enumerate(["pbe", "scan"])}
+    assert abs(float((both["scan"]["energy"][0] - both["pbe"]["energy"][0]).detach())) > 1e-3  # the heads differ
+    for name in ("pbe", "scan"):
+        exported = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-m", "janus_potential.training", "export", str(run / "checkpoint.pt"),
+                        "-o", str(exported), "--dtype", "float64", "--head", name], check=True, capture_output=True)
+        atoms.calc = JanusCalculator(str(exported))
+        assert abs(atoms.get_potential_energy() - float(both[name]["energy"][0].detach())) < 1e-9
+        np.testing.assert_allclose(atoms.get_forces(), both[name]["forces"].detach().numpy(), atol=1e-10)
+    with pytest.raises(JanusInputError, match="no output head"):
+        model.select_head("hse")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +79,33 @@ def _relative_to(folder: Path, paths: Any) -> Any:
     if isinstance(paths, str) and not os.path.isabs(paths):
         return os.path.abspath(folder / paths)
     return paths
+
+
+HEAD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+def split_head(entry: str) -> tuple[str, str | None]:
+    """A data entry `PATH` or `PATH@HEAD` (the output head its frames train, multi-fidelity
+    data): (path, head or None)."""
+    if "@" in entry and not os.path.exists(entry):
+        path, head = entry.rsplit("@", 1)
+        if HEAD_NAME.match(head):
+            return path, head
+    return entry, None
+
+
+def data_heads(entries: list[str]) -> list[str]:
+    """The output heads the data entries name, in order of appearance; entries without a head
+    train the head `default`. No named head: [] (a one-head model)."""
+    named = [split_head(entry)[1] for entry in entries]
+    if not any(named):
+        return []
+    heads: list[str] = []
+    for head in named:
+        head = head or "default"
+        if head not in heads:
+            heads.append(head)
+    return heads
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -258,6 +286,15 @@ class TrainConfig:
         if self.model.lora_rank and self.parallel.ep > 1:
             raise JanusInputError("model.lora_rank: LoRA adapters are not supported with expert parallelism "
                                   "(parallel.ep > 1) yet")
+        heads = data_heads(self.data.train + self.data.validation)
+        if heads and self.model.init_from:
+            raise JanusInputError("data entries name output heads (PATH@HEAD), which a run from model.init_from "
+                                  "does not support yet: heads are set up when a model is trained from scratch")
+        if heads and self.parallel.dd > 1:
+            raise JanusInputError("output heads (PATH@HEAD data entries) are not supported with parallel.dd > 1")
+        unknown = [h for h in data_heads(self.data.validation) if h not in data_heads(self.data.train)]
+        if unknown:
+            raise JanusInputError(f"data.validation names output heads {unknown} that no data.train entry trains")
         if self.model.lora_rank and self.model.freeze:
             raise JanusInputError("model.lora_rank freezes every original weight already; leave model.freeze empty")
         if not (self.optim.max_steps or self.optim.epochs):

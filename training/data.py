@@ -37,6 +37,7 @@ class Sample:
     source: str  # info["source"] of the frame (the file name when absent)
     file: str  # the data file's name without extension
     replay: bool = False  # a frame of `data.replay` (fine-tuning)
+    head: int = 0  # output head (index into the model's output_heads) of its data entry
 
     @property
     def num_atoms(self) -> int:
@@ -64,8 +65,10 @@ class FrameSamples(Sequence):
     floating point tensors in `dtype`). Stress labels count only for fully periodic frames
     (no stress without a volume)."""
 
-    def __init__(self, frames: PackedFrames, indices: np.ndarray, cutoff: float, dtype: torch.dtype) -> None:
+    def __init__(self, frames: PackedFrames, indices: np.ndarray, cutoff: float, dtype: torch.dtype,
+                 heads: np.ndarray | None = None) -> None:
         self.frames = frames
+        self.heads = heads  # output head of every packed frame (None: head 0)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.cutoff = cutoff
         self.dtype = dtype
@@ -94,6 +97,7 @@ class FrameSamples(Sequence):
             has_energy=frame.has_energy, has_forces=frame.has_forces,
             has_stress=frame.has_stress and bool(frame.pbc.all()),
             weight=frame.weight, source=frame.source, file=frame.file,
+            head=int(self.heads[self.indices[position]]) if self.heads is not None else 0,
         )
 
     def column(self, name: str) -> np.ndarray:
@@ -223,6 +227,7 @@ class Batch:
     sources: list[str]
     files: list[str]
     replay: torch.Tensor | None = None  # [G] bool: frames of `data.replay`
+    head: torch.Tensor | None = None  # [G] output head of each structure
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -238,4 +243,5 @@ def collate(samples: Sequence[Sample]) -> Batch:
         sources=[s.source for s in samples],
         files=[s.file for s in samples],
         replay=torch.tensor([s.replay for s in samples]),
+        head=torch.tensor([s.head for s in samples], dtype=torch.long),
     )

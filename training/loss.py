@@ -29,7 +29,8 @@ def penalty(error: torch.Tensor, config: LossConfig) -> torch.Tensor:
 
 
 def predict(model, batch: Batch, create_graph: bool) -> Dict[str, torch.Tensor]:
-    return model.compute(batch.graph, compute_virial=bool(batch.has_stress.any()), create_graph=create_graph)
+    return model.compute(batch.graph, compute_virial=bool(batch.has_stress.any()), create_graph=create_graph,
+                         head=batch.head)
 
 
 def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ from janus_potential.parallel.expert import expert_shards, full_state_dict, shar
 from janus_potential.parallel.mesh import ProcessMesh
 
 from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, data_heads, split_head
 from .data import (Batches, FrameSamples, ReplayedSamples, Sample, atom_budget_batches, collate, split_indices,
                    with_replay)
 from .finetune import freeze, load_parent, new_element_references
@@ -141,7 +141,12 @@ class Trainer:
             model.load_state_dict(parent.state_dict())
             del parent
         else:
-            model = JanusPotential.from_preset(section.preset, **section.overrides).to(self.dtype)
+            overrides = dict(section.overrides)
+            self.heads = data_heads(self.config.data.train)
+            if self.heads:
+                overrides["output_heads"] = tuple(self.heads)
+            model = JanusPotential.from_preset(section.preset, **overrides).to(self.dtype)
+        self.heads = list(model.config.output_heads)
         if section.lora_rank:
             adapters = add_lora(model, section.lora_rank, section.lora_alpha)
             if self.is_main:
@@ -187,17 +192,17 @@ class Trainer:
     def _open_data(self) -> None:
         data, run = self.config.data, self.config.run
         cutoff = self.model.cutoff
-        frames = open_dataset(data.train, data.cache_dir, run.progress, run.progress_every_s)
+        frames, heads = self._open_with_heads(data.train)
         count = min(len(frames), data.max_structures) if data.max_structures else len(frames)
         if data.validation:
             train = np.arange(count)
-            validation_frames = open_dataset(data.validation, data.cache_dir, run.progress, run.progress_every_s)
+            validation_frames, validation_heads = self._open_with_heads(data.validation)
             validation = np.arange(len(validation_frames))
         else:
             train, validation = split_indices(count, data.validation_fraction, data.split_seed)
-            validation_frames = frames
-        self.train_samples = FrameSamples(frames, train, cutoff, self.dtype)
-        self.validation_samples = FrameSamples(validation_frames, validation, cutoff, self.dtype)
+            validation_frames, validation_heads = frames, heads
+        self.train_samples = FrameSamples(frames, train, cutoff, self.dtype, heads)
+        self.validation_samples = FrameSamples(validation_frames, validation, cutoff, self.dtype, validation_heads)
         if not len(self.train_samples):
             raise JanusInputError("the training set is empty")
         self.samples = self.train_samples  # what the loader indexes: training frames, then replay frames
@@ -214,6 +219,18 @@ class Trainer:
         if too_big > data.max_atoms_per_batch:
             print(f"note: a structure of {too_big} atoms exceeds max_atoms_per_batch; it forms its own batch")
 
+    def _open_with_heads(self, entries: List[str]):
+        """The frames of data entries (`PATH` or `PATH@HEAD`) and, for a multi-head model, the
+        output head of every frame (None otherwise)."""
+        data, run = self.config.data, self.config.run
+        paths = [split_head(entry)[0] for entry in entries]
+        frames = open_dataset(paths, data.cache_dir, run.progress, run.progress_every_s)
+        if not self.heads:
+            return frames, None
+        counts = [len(open_dataset([path], data.cache_dir)) for path in paths]
+        names = [split_head(entry)[1] or "default" for entry in entries]
+        return frames, np.repeat([self.heads.index(name) for name in names], counts).astype(np.int64)
+
     def _initialise_statistics(self) -> None:
         """Reference energies, energy scale and element coverage from the packs' per-frame
         statistics (no pass over the frames)."""
@@ -222,14 +239,21 @@ class Trainer:
             self._extend_parent()
             return
         has_labels = samples.column("has_labels")
-        with_energy = np.nonzero(has_labels[:, 0])[0]
-        with_forces = has_labels[:, 1]
+        frame_heads = samples.heads[samples.indices] if samples.heads is not None else np.zeros(len(samples), int)
         with torch.no_grad():
-            reference = fit_reference_energies(samples.composition().rows(with_energy),
-                                               samples.column("energy")[with_energy])
-            self.model.reference_energies.copy_(reference.to(self.dtype))
-            self.model.energy_scale.fill_(force_scale(samples.column("force_abs_sum")[with_forces],
-                                                      samples.sizes[with_forces]))
+            for k in range(max(1, len(self.heads))):  # every output head from its own frames
+                mine = frame_heads == k
+                with_energy = np.nonzero(has_labels[:, 0] & mine)[0]
+                with_forces = has_labels[:, 1] & mine
+                reference = fit_reference_energies(samples.composition().rows(with_energy),
+                                                   samples.column("energy")[with_energy]).to(self.dtype)
+                scale = force_scale(samples.column("force_abs_sum")[with_forces], samples.sizes[with_forces])
+                if k == 0:
+                    self.model.reference_energies.copy_(reference)
+                    self.model.energy_scale.fill_(scale)
+                else:
+                    self.model.head_reference_energies[k - 1].copy_(reference)
+                    self.model.head_energy_scale[k - 1].fill_(scale)
             if self.config.model.restrict_elements:
                 seen = torch.zeros_like(self.model.supported)
                 elements = np.union1d(samples.elements(), self.validation_samples.elements())
@@ -485,7 +509,8 @@ class Trainer:
                              forces=whole.forces[owned], has_forces=whole.has_forces[owned])
         else:
             target = collate(samples)
-            prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True)
+            prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True,
+                                                      head=target.head)
         weight = target.weight.to(torch.float64)
         share = 1.0 / self.mesh.dd  # every dd rank holds the per-structure terms
         counts = torch.stack([
