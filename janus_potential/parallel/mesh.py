@@ -36,8 +36,17 @@ class MeshError(JanusInputError):
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+def _host_address() -> str:
+    """This host's address as the other nodes of a job reach it (its name resolved; the
+    loopback address when the name does not resolve: a one-node job)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def launched_by_mpi() -> bool:
@@ -48,11 +57,14 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
     """Initialise the default process group from the launcher; returns (rank, world size).
 
     Idempotent; one process without a launcher stays uninitialised and returns (0, 1).
-    gloo on CPU, NCCL when CUDA is available (unless `backend` says otherwise).
+    gloo unless `backend` says otherwise: every tensor Janus exchanges today lives on the CPU
+    (NCCL, chosen merely because CUDA is visible, failed at the first collective on a GPU
+    node). Under mpirun without MASTER_ADDR, rank 0 broadcasts its own address and a free
+    port (never a hard-coded localhost, so a multi-node launch can meet).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world == 1:
@@ -70,8 +82,9 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
     rank, world = comm.Get_rank(), comm.Get_size()
     if world == 1:
         return 0, 1
-    port = comm.bcast(_free_port() if rank == 0 else None, root=0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    address, port = comm.bcast((os.environ.get("MASTER_ADDR") or _host_address(), _free_port()) if rank == 0
+                               else None, root=0)
+    os.environ["MASTER_ADDR"] = address
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group(backend, rank=rank, world_size=world)
     if torch.cuda.is_available():
