@@ -17,6 +17,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from janus_potential.devices import resolve_device
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
 from janus_potential.io import load_for_inference
@@ -30,13 +31,19 @@ class JanusCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, **kwargs: Any) -> None:
+    def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, device: str = "auto",
+                 **kwargs: Any) -> None:
         """`model`: exported file, model or training checkpoint, or a JanusPotential. `skin`: neighbour-list skin
         (A). `parallel=True`: under mpirun, split the structure over all ranks with the
         domain (halo) backend of the trainer (`ParallelJanusCalculator`: each rank builds and
-        evaluates only its own slab); every rank gets the full results."""
+        evaluates only its own slab); every rank gets the full results. `device`: "auto"
+        (CUDA when visible), "cpu", "cuda" or "cuda:N" (`janus_potential.devices`); the
+        neighbour list is built on the CPU and moved once per evaluation. The parallel
+        calculator runs on the CPU."""
         super().__init__(**kwargs)
+        self.device = resolve_device(device) if not parallel else torch.device("cpu")
         loaded = load_for_inference(model)
+        loaded.module = loaded.module.to(self.device)
         self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
                                                                          loaded.elements, loaded.dtype)
         self.skin = float(skin)
@@ -94,9 +101,13 @@ class JanusCalculator(Calculator):
         volume = torch.tensor([atoms.get_volume()]) if periodic else None
         # The TorchScript profiling executor's optimised graphs keep more memory per atom and
         # ran no faster here (docs/benchmarks.md): run the exported graph as written.
+        device = self.device
         with torch.enable_grad(), torch.jit.optimized_execution(False):
-            out = evaluate(self.module, neighbors["species"], edge_index, vectors[within].to(self.dtype),
-                           torch.zeros(n, dtype=torch.long), 1, True, periodic, False, volume)
+            out = evaluate(self.module, neighbors["species"].to(device), edge_index.to(device),
+                           vectors[within].to(device=device, dtype=self.dtype),
+                           torch.zeros(n, dtype=torch.long, device=device), 1, True, periodic, False,
+                           volume.to(device) if volume is not None else None)
+        out = {key: value.detach().cpu() for key, value in out.items()}
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy

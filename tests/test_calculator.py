@@ -104,3 +104,21 @@ def test_atoms_entering_the_cutoff_from_the_skin_are_counted(model, searches):
     again, count = counted_results(calculator, atoms, searches)
     assert count == 0
     assert_results_match(again, before, rtol=1e-12)
+
+
+def test_device_option(model):
+    """`device`: "cpu" and "auto" (no GPU here) give the same results; an unknown device or a
+    missing GPU is a clear error, never a silent fall-back."""
+    import torch
+
+    from janus_potential.errors import JanusInputError
+
+    atoms = triclinic()
+    reference = calculator_results(JanusCalculator(model), atoms)
+    for device in ("cpu", "auto"):
+        assert_results_match(calculator_results(JanusCalculator(model, device=device), atoms), reference, 0.0)
+    with pytest.raises(JanusInputError, match="not one of auto, cpu, cuda"):
+        JanusCalculator(model, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(JanusInputError, match="no CUDA GPU is visible"):
+            JanusCalculator(model, device="cuda")
