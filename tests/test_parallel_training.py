@@ -24,6 +24,7 @@ from janus_potential.training.checkpoint import full_state
 from janus_potential.training.config import TrainConfig
 from janus_potential.training.distributed import split_by_atoms
 
+from .conftest import flip_tensor_bytes
 from .test_training import labelled_structures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,9 +213,16 @@ def test_fully_sharded_checkpoint_resumes_in_another_layout(train_config, one_pr
     janus_train(train_config, 2, f"run.output={tmp_path / 'a'}", "parallel.shard=optimizer", "--resume",
                 layout=(1, 2, 1))
     assert_same_training_state(tmp_path / "a", one_process_run)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     janus_train(train_config, 1, f"run.output={tmp_path / 'b'}", "--resume")
     assert_same_training_state(tmp_path / "b", one_process_run)
     assert not [part for part in (tmp_path / "b" / "checkpoint.parts").iterdir()]  # the 4-rank parts are gone
+    # a damaged part file is refused by name, not resumed from
+    part = next((tmp_path / "c" / "checkpoint.parts").iterdir())
+    flip_tensor_bytes(part)
+    command = [str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'c'}", "--resume"]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"{str(part)!r} is corrupt" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow
