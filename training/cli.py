@@ -50,6 +50,10 @@ def _train(args: argparse.Namespace) -> int:
     if summary:
         print(format_table(summary))
     print(f"wrote {checkpoint}, {output / 'model.ckpt'} and {output / 'model.pt'}")
+    heads = list(model.config.output_heads)
+    if heads:
+        print(f"model.pt is output head {heads[0]!r}; the other heads: janus export {checkpoint} --head NAME "
+              f"({', '.join(heads[1:])})")
     return 0
 
 
