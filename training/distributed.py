@@ -162,20 +162,22 @@ def assign_owners(parameters: List[torch.nn.Parameter], groups: List[Optional[di
 
 
 class ParameterShards:
-    """Which rank owns which parameter, and (`parallel.shard: full`) the dense parameters held
-    by their owners only between steps.
+    """Which rank owns which parameter, and (`parallel.shard: full`) the parameters held by
+    their owners only between steps.
 
     Every parameter has one owner in its gradient group (`assign_owners`; dense: the world,
     expert shards: the ranks holding that shard). With `full`, a rank keeps only the data of
     the parameters it owns at rest (dense ones, and expert shards replicated over dp);
     `gather()` broadcasts them from their owners at the start of a step (and for validation,
     with the EMA weights), `release()` drops the others after the optimizer step;
-    checkpoints are written by the owners, so they need no gather. They are gathered for the whole step rather than layer by layer
-    and freed after each layer's forward: force training differentiates the forces, whose
-    graph keeps every layer's weights until the loss's backward ends, so a per-layer gather
-    would have to re-gather inside the double backward (saved-tensor hooks) to save memory
-    the step needs anyway; at rest (optimizer state, gradients, checkpoints) they are sharded.
-    On one process, or with `none`/`optimizer`, gather and release do nothing.
+    checkpoints are written by the owners, so they need no gather.
+
+    They are gathered for the whole step rather than layer by layer and freed after each
+    layer's forward: force training differentiates the forces, whose graph keeps every
+    layer's weights until the loss's backward ends, so a per-layer gather would have to
+    re-gather inside the double backward (saved-tensor hooks) to free memory the step needs
+    anyway; at rest (optimizer state, gradients, checkpoints) they are sharded. On one
+    process, or with `none`/`optimizer`, gather and release do nothing.
     """
 
     def __init__(self, model: torch.nn.Module, mesh: ProcessMesh, mode: str) -> None:
