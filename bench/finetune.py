@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["10", "100", "all"])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", default="runs/finetune-study")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "finetune.json"))
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def main() -> None:
               f"{r['others_forces']:.3f} | {100 * r['others_change']:+.1f} % |")
     result = {"command": " ".join(sys.argv), "target": args.target, "pretrain_minutes": args.pretrain_minutes,
               "minutes": args.minutes, "train_frames": counts, "rows": rows, "wall_s": round(time.time() - start)}
-    out = ROOT / "bench" / "results" / "finetune.json"
+    out = Path(args.output)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
