@@ -219,3 +219,11 @@ def test_output_heads_fit_their_own_references_and_export_one_head(tmp_path):
         np.testing.assert_allclose(atoms.get_forces(), both[name]["forces"].detach().numpy(), atol=1e-10)
     with pytest.raises(JanusInputError, match="no output head"):
         model.select_head("hse")
+    # janus eval --head scores the chosen head: its data fits it better than the other head
+    errors = {}
+    for name in ("pbe", "scan"):
+        done = subprocess.run([sys.executable, "-m", "janus_potential.training", "eval", str(run / "checkpoint.pt"),
+                               str(tmp_path / "scan.xyz"), "--json", "--head", name], check=True, capture_output=True,
+                              text=True)
+        errors[name] = json.loads(done.stdout)["all"]["energy_per_atom"]["mae"]
+    assert errors["scan"] < errors["pbe"]

@@ -63,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .progress import stderr_bars
 
     summary = evaluate(args.model, args.data, progress=stderr_bars(not args.json), group_by=args.by,
-                       skip_unsupported=args.skip_unsupported)
+                       skip_unsupported=args.skip_unsupported, head=args.head)
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     skipped = summary.get("all", {}).get("skipped_frames", 0)
     if skipped and not args.json:
@@ -100,6 +100,7 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--skip-unsupported", action="store_true",
                           help="leave out (and count) structures with elements the model does not cover "
                                "(default: refuse them)")
+    evaluate.add_argument("--head", help="output head of a multi-head checkpoint (default: its first)")
     evaluate.add_argument("--by", choices=["source", "file"], default="source",
                           help="group errors by the frames' info['source'] (default) or by data file")
     evaluate.set_defaults(handler=_eval)

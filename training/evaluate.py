@@ -10,7 +10,7 @@ import torch
 
 from janus_potential.elements import number_to_symbol
 from janus_potential.errors import JanusInputError
-from janus_potential.io import load_for_inference
+from janus_potential.io import is_torchscript_file, load_for_inference, load_model
 from janus_potential.model import evaluate as evaluate_model
 
 from .data import FrameSamples, atom_budget_batches, collate
@@ -40,11 +40,17 @@ def covered_frames(frames: PackedFrames, elements: Sequence[int], skip: bool) ->
 
 def evaluate(model_path: str, data: Sequence[str], max_atoms_per_batch: int = 512, progress: bool = False,
              cache_dir: str | None = None, group_by: str = "source", skip_unsupported: bool = False,
-             num_workers: int = 2) -> Dict[str, Any]:
+             num_workers: int = 2, head: str | None = None) -> Dict[str, Any]:
     """Errors of the model per group, streaming the data (packed folders or plain files,
     packed on the way); with `skip_unsupported`, frames with elements the model does not
-    cover are left out and counted under `skipped_frames` of the "all" group."""
-    model = load_for_inference(model_path)
+    cover are left out and counted under `skipped_frames` of the "all" group. `head`: the
+    output head of a multi-head checkpoint to evaluate (default: its first)."""
+    if head is not None:
+        if is_torchscript_file(model_path):
+            raise JanusInputError(f"--head {head}: {model_path!r} is an exported file, which holds one head")
+        model = load_for_inference(load_model(model_path).select_head(head))
+    else:
+        model = load_for_inference(model_path)
     frames = open_dataset(list(data), cache_dir, progress, stream=sys.stderr)
     kept, skipped = covered_frames(frames, model.elements, skip_unsupported)
     samples = FrameSamples(frames, kept, model.cutoff, model.dtype)
