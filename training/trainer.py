@@ -20,9 +20,10 @@ global batch:
 - gradients are SUMMED by `GradientReducer` (dense parameters over the world, expert
   shards over the ranks holding the same shard), overlapped with the backward pass; the
   clipping norm includes every shard.
-Rank 0 writes logs and checkpoints; a checkpoint holds the FULL (gathered) model, EMA and
-optimizer state and only global progress, so a run resumes on any number of ranks and in
-any layout, and exports like a one-process run.
+Rank 0 writes logs; checkpoints are written in pieces by every rank, each tensor by its
+owner (`training/checkpoint.py`), with only global progress, so a run resumes on any number
+of ranks, in any layout and shard mode (`parallel.shard`, `ParameterShards`), and exports
+like a one-process run.
 
 The step order is fixed so that a resumed run repeats the uninterrupted one bit for bit:
 batches of an epoch are a pure function of (seed, epoch); the checkpoint stores the

@@ -137,11 +137,6 @@ def gather_shard(shard: torch.Tensor, moe: ExpertParallelMoE) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def local_shard(full: torch.Tensor, moe: ExpertParallelMoE) -> torch.Tensor:
-    """This rank's rows [first, first + E/P) of a full [E, ...] expert tensor."""
-    return full.narrow(0, moe.first_expert, moe.local_experts).clone()
-
-
 def full_state_dict(model: nn.Module, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The unsharded version of `state` (default: the model's state dict), keyed like the
     model's state dict: expert shards all-gathered (collective over the ep groups, in a
@@ -149,12 +144,4 @@ def full_state_dict(model: nn.Module, state: Optional[Dict[str, torch.Tensor]] =
     state = dict(model.state_dict() if state is None else state)
     for name, moe in expert_shards(model).items():
         state[name] = gather_shard(state[name], moe)
-    return state
-
-
-def sharded_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """This rank's part of a full (unsharded) state dict, for `load_state_dict` of a sharded model."""
-    state = dict(state)
-    for name, moe in expert_shards(model).items():
-        state[name] = local_shard(state[name], moe)
     return state
