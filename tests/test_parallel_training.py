@@ -234,3 +234,45 @@ def test_torchrun_data_parallel_training_equals_one_process(train_config, tmp_pa
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_training_state(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.fixture(scope="module")
+def finetune_config(train_config, tmp_path_factory) -> Path:
+    """Two configs: fine-tuning with LoRA adapters on a parent and replay data (config.yaml),
+    and two output heads named in the data (heads.yaml; heads need a run from scratch)."""
+    root = tmp_path_factory.mktemp("ft")
+    write(root / "new.xyz", labelled_structures(8, seed=11), format="extxyz")
+    write(root / "old.xyz", labelled_structures(6, seed=21), format="extxyz")
+    from janus_potential import JanusPotential
+
+    torch.manual_seed(5)
+    JanusPotential.from_preset("tiny").to(torch.float64).save_checkpoint(root / "parent.ckpt")
+    config = root / "config.yaml"
+    config.write_text(
+        f"data: {{train: [{root / 'new.xyz'}], replay: [{root / 'old.xyz'}], replay_fraction: 0.4,"
+        f" validation_fraction: 0.0, cache_dir: {root / 'cache'}, max_atoms_per_batch: {GLOBAL_BATCH_ATOMS}}}\n"
+        f"model: {{init_from: {root / 'parent.ckpt'}, lora_rank: 2}}\n"
+        "optim: {max_steps: 3, warmup_steps: 0, min_lr_ratio: 1.0, lr: 0.01}\n"
+        "run: {dtype: float64, progress: false, checkpoint_every: 1, log_every: 1}\n"
+    )
+    heads = root / "heads.yaml"
+    heads.write_text(
+        f"data: {{train: ['{root / 'new.xyz'}@pbe', '{root / 'old.xyz'}@scan'], validation_fraction: 0.0,"
+        f" cache_dir: {root / 'cache'}, max_atoms_per_batch: {GLOBAL_BATCH_ATOMS}}}\n"
+        "model: {preset: tiny}\n"
+        "optim: {max_steps: 3, warmup_steps: 0, min_lr_ratio: 1.0, lr: 0.01}\n"
+        "run: {dtype: float64, progress: false, checkpoint_every: 1, log_every: 1}\n"
+    )
+    return root
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["config.yaml", "heads.yaml"], ids=["lora+replay", "heads"])
+def test_finetuning_and_heads_on_two_ranks_equal_one_process(finetune_config, tmp_path, name):
+    """LoRA adapters with replay data, and output heads, trained data-parallel (dp=2, sharded
+    optimizer) equal one process (adapters, EMA and moments, 1e-10 in float64)."""
+    config = finetune_config / name
+    janus_train(config, 1, f"run.output={tmp_path / 'one'}")
+    janus_train(config, 2, f"run.output={tmp_path / 'two'}", "parallel.shard=optimizer")
+    assert_same_training_state(tmp_path / "two", tmp_path / "one")
