@@ -247,3 +247,18 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         TrainConfig.load(None, ["optim.lrr=1"])
     with pytest.raises(ValueError, match="section.key=value"):
         TrainConfig.load(None, ["lr=1"])
+
+
+def test_run_device_is_checked(tmp_path):
+    """run.device: an unknown device or a missing GPU is a clear error before training."""
+    from janus_potential.training.trainer import Trainer
+
+    write(tmp_path / "data.xyz", labelled_structures(3))
+    base = [f"data.train=[{tmp_path / 'data.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}", "model.preset=tiny",
+            "run.progress=false", f"run.output={tmp_path / 'run'}", "data.validation_fraction=0"]
+    with pytest.raises(JanusInputError, match="not one of auto, cpu, cuda"):
+        Trainer(TrainConfig.load(None, base + ["run.device=tpu"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(JanusInputError, match="no CUDA GPU is visible"):
+            Trainer(TrainConfig.load(None, base + ["run.device=cuda"]))
+    assert Trainer(TrainConfig.load(None, base + ["run.device=cpu"])).device == torch.device("cpu")

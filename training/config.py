@@ -210,6 +210,9 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     threads: int = 0  # 0: torch's default
+    # "auto" (CUDA when visible; the CPU for expert or domain parallel runs, whose exchanges
+    # are CPU tensors), "cpu", "cuda" or "cuda:N" (janus_potential.devices)
+    device: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
     max_minutes: float = 0.0  # 0: no time limit

@@ -229,6 +229,19 @@ class Batch:
     replay: torch.Tensor | None = None  # [G] bool: frames of `data.replay`
     head: torch.Tensor | None = None  # [G] output head of each structure
 
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on `device` (its graph and labels; the names stay)."""
+        if self.energy.device == torch.device(device):
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self, graph=self.graph.to(device=device), energy=move(self.energy), forces=move(self.forces),
+            stress=move(self.stress), has_energy=move(self.has_energy), has_forces=move(self.has_forces),
+            has_stress=move(self.has_stress), weight=move(self.weight), replay=move(self.replay), head=move(self.head))
+
 
 def collate(samples: Sequence[Sample]) -> Batch:
     return Batch(

@@ -84,7 +84,7 @@ class GradientReducer:
         bucket = self.buckets[index]
         reference = bucket[0]
         pieces = [p.grad.reshape(-1) if p.grad is not None else reference.new_zeros(self.numel[id(p)]) for p in bucket]
-        presence = torch.tensor([p.grad is not None for p in bucket], dtype=reference.dtype)
+        presence = torch.tensor([p.grad is not None for p in bucket], dtype=reference.dtype, device=reference.device)
         flat = torch.cat(pieces + [presence])
         if self.owner_of is None:
             handle = dist.all_reduce(flat, group=self.group, async_op=True)
@@ -189,6 +189,7 @@ class ParameterShards:
         self.rank = mesh.rank
         self.mode = mode if mesh.world_size > 1 else "none"
         self.shapes = [p.shape for p in self.parameters]
+        self.devices = [p.device for p in self.parameters]
         # parameters whose data this rank drops between steps (full: those owned by another rank)
         self.shared = [k for k, group in enumerate(self.groups) if group is not None and dist.get_world_size(group) > 1]
         self.released = [k for k in self.shared if self.mode == "full" and self.owners[k] != self.rank]
@@ -216,14 +217,14 @@ class ParameterShards:
                 if values is not None:
                     p.data = values[self.names[k]].clone()
             else:
-                p.data = torch.empty(self.shapes[k], dtype=p.dtype)
+                p.data = torch.empty(self.shapes[k], dtype=p.dtype, device=self.devices[k])
             dist.broadcast(p.data, src=self.owners[k], group=self.groups[k])
         self.held = True
 
     def release(self) -> None:
         for k in self.released:
             p = self.parameters[k]
-            p.data = torch.empty(0, dtype=p.dtype)
+            p.data = torch.empty(0, dtype=p.dtype, device=self.devices[k])
         self.held = not self.released
 
 

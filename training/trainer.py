@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from janus_potential.devices import resolve_device
 from janus_potential.errors import JanusInputError
 from janus_potential.lora import add_lora
 from janus_potential.model import DTYPES, JanusPotential
@@ -90,6 +91,7 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.output / "checkpoint.pt"
         self.dtype = DTYPES[run.dtype]
+        self.device = self._choose_device(run.device)
 
         self.model = self._build_model()
         self.shards = ParameterShards(self.model, self.mesh, parallel.shard)
@@ -116,6 +118,23 @@ class Trainer:
             self._truncate_log()
         self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
         self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
+
+    def _choose_device(self, spec: str) -> torch.device:
+        """The training device: the model, its optimizer and EMA state and every batch live
+        there; collectives go through gloo (CPU tensors, and CUDA tensors for the gradient
+        sums and broadcasts). Expert and domain parallelism exchange CPU tensors only, so
+        they train on the CPU ("auto" says so; an explicit CUDA device is an error)."""
+        if self.mesh.ep > 1 or self.mesh.dd > 1:
+            if spec.strip().lower() not in ("auto", "cpu"):
+                raise JanusInputError(f"run.device={spec}: expert and domain parallel training (parallel.ep/dd > 1) "
+                                      "runs on the CPU only so far; use run.device=cpu")
+            if torch.cuda.is_available() and self.is_main:
+                print("note: parallel.ep/dd > 1 trains on the CPU (run.device=auto)")
+            return torch.device("cpu")
+        device = resolve_device(spec)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
 
     @property
     def is_main(self) -> bool:
@@ -164,7 +183,7 @@ class Trainer:
             frozen = freeze(model, section.freeze)
             if self.is_main:
                 print(f"model.freeze: {frozen} parameter tensors frozen")
-        return model
+        return model.to(self.device)
 
     def _build_optimizer(self):
         """AdamW; with `parallel.shard: optimizer|full` on several ranks its moments (and the
@@ -418,14 +437,14 @@ class Trainer:
         with torch.no_grad():
             for k, (name, p) in enumerate(zip(names, self.shards.parameters)):
                 if self.shards.is_held(k):
-                    p.data = self._read_piece(reader, f"model/{name}", name)
+                    p.data = self._read_piece(reader, f"model/{name}", name).to(self.device)
             for name, buffer in self._buffers():
                 buffer.copy_(reader.read(f"model/{name}"))
         self.ema = self._new_ema()
         self.ema.updates = state["ema"]["updates"]
         for key in list(self.ema.shadow):
             source = f"ema/{key}" if f"ema/{key}" in reader else f"model/{key}"  # a run without EMA
-            self.ema.shadow[key] = self._read_piece(reader, source, key)
+            self.ema.shadow[key] = self._read_piece(reader, source, key).to(self.device)
         torch_optimizer = self._torch_optimizer()
         optimized = self._optimized()
         moments: Dict[int, Dict[str, torch.Tensor]] = {}
@@ -510,9 +529,7 @@ class Trainer:
                              forces=whole.forces[owned], has_forces=whole.has_forces[owned])
         else:
             target = collate(samples)
-            prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True,
-                                                      head=target.head)
-        weight = target.weight.to(torch.float64)
+        weight = target.weight.to(torch.float64)  # the label counts, on the CPU
         share = 1.0 / self.mesh.dd  # every dd rank holds the per-structure terms
         counts = torch.stack([
             (weight * target.has_energy).sum() * share,
@@ -520,8 +537,12 @@ class Trainer:
             (weight * target.has_stress).sum() * share,
             torch.tensor(float(target.forces.shape[0]), dtype=torch.float64),
         ]) * float(counted)
+        if self.mesh.dd == 1:
+            target = target.to(self.device)
+            prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True,
+                                                      head=target.head)
         return ForwardPass(prediction, target, counted, counts, routing["router_probability_sum"] * float(counted),
-                           routing["expert_load"].detach().to(torch.float64) * float(counted))
+                           routing["expert_load"].detach().to(torch.float64).cpu() * float(counted))
 
     def train_step(self, share: List[tuple]) -> Dict[str, float]:
         """One optimizer step on this rank's share of a global batch ((Sample, counted) pairs,
@@ -569,8 +590,8 @@ class Trainer:
         self.ema.update(self.model)
         self.shards.release()
 
-        logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64)
-                              for n in names + ["total"]] + [balance.detach().to(torch.float64)])
+        logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64).cpu()
+                              for n in names + ["total"]] + [balance.detach().to(torch.float64).cpu()])
         logged = torch.cat([logged, self._force_errors_by_source(evaluations)])
         if self.world > 1:
             dist.all_reduce(logged)
@@ -598,7 +619,7 @@ class Trainer:
             fresh = ~target.replay[target.graph.batch] & target.has_forces
             error = (evaluation.prediction["forces"].detach() - torch.nan_to_num(target.forces)).abs().to(torch.float64)
             for k, mask in enumerate((fresh, replayed)):
-                sums[2 * k] += error[mask].sum()
+                sums[2 * k] += float(error[mask].sum())
                 sums[2 * k + 1] += 3 * int(mask.sum())
         return sums
 
@@ -608,7 +629,7 @@ class Trainer:
         f_e (global expert load fraction) is shared, P_e's atom sum is this rank's part (its
         owned atoms: the MoE of a domain only sees owned rows)."""
         probability_sum = torch.stack([evaluation.router_probability_sum for evaluation in evaluations]).sum(dim=0)
-        return balance_loss(probability_sum, global_loads.to(probability_sum.dtype), global_atoms)
+        return balance_loss(probability_sum, global_loads.to(probability_sum), global_atoms)
 
     def _clip_gradients(self) -> torch.Tensor:
         """`clip_grad_norm_` over the FULL parameter set: each gradient counted once, by its
@@ -617,7 +638,7 @@ class Trainer:
         squares = torch.zeros(1, dtype=torch.float64)
         counted = [p.grad for k, p in enumerate(self.shards.parameters) if p.grad is not None and self.shards.owns(k)]
         if counted:
-            squares[0] = torch.stack([torch.linalg.vector_norm(g).to(torch.float64) ** 2 for g in counted]).sum()
+            squares[0] = float(torch.stack([torch.linalg.vector_norm(g).to(torch.float64) ** 2 for g in counted]).sum())
         if self.world > 1:
             dist.all_reduce(squares)
         total_norm = squares[0].sqrt().to(self.dtype)
@@ -638,9 +659,9 @@ class Trainer:
             loader = sample_loader(self.validation_samples, batches, workers, self.config.data.prefetch_factor)
             for samples, count in zip(loader, counted):
                 batch = collate(samples)
-                prediction = predict(self.model, batch, create_graph=False)
+                prediction = predict(self.model, batch.to(self.device), create_graph=False)
                 if count:
-                    metrics.update(prediction, batch)
+                    metrics.update({key: value.detach().cpu() for key, value in prediction.items()}, batch)
         self.model.train()
         return self._combine_metrics(metrics).summary()
 
