@@ -90,17 +90,19 @@ class ExpertParallelMoE(nn.Module):
         recv_counts = counts_from.sum(1).tolist()
 
         received = AllToAll.apply(x.index_select(0, atom_of_slot), send_counts, recv_counts, self.group)
-        # `received` is one block per (source rank, local expert), in that order (each rank
-        # sends its slots sorted by expert): run every block through its expert where it lies,
-        # no regrouping gathers (they would be paid again in the backward and double backward)
+        # `received` is one block per (source rank, local expert): regroup by expert, so that
+        # each expert runs one matmul (computing the blocks where they lie needs ranks x more
+        # per-block weight gradients in the backward: +0.7 GiB per rank for `1b`, measured)
+        expert_of_row = torch.arange(local).repeat(ranks).repeat_interleave(counts_from.reshape(-1))
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        grouped = received.index_select(0, by_expert)
         # unbind once (see MixtureOfExperts.forward: per-expert indexing costs O(E^2) in backward)
         w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
         pieces = []
-        for k, block in enumerate(torch.split(received, counts_from.reshape(-1).tolist())):
-            e = k % local
+        for e, block in enumerate(torch.split(grouped, counts_from.sum(0).tolist())):
             hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
             pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
-        computed = torch.cat(pieces, dim=0)
+        computed = torch.cat(pieces, dim=0).index_select(0, torch.argsort(by_expert))
         returned = AllToAll.apply(computed, recv_counts, send_counts, self.group)
         out = out.index_add(0, atom_of_slot, returned * gate_of_slot)
         return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
