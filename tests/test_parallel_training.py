@@ -142,6 +142,12 @@ def test_expert_and_domain_parallel_training_equal_one_process(train_config, tmp
     assert_same_training_state(tmp_path / "ep", tmp_path / "one")
     janus_train(train_config, 2, f"run.output={tmp_path / 'dd'}", layout=(1, 1, 2))
     assert_same_training_state(tmp_path / "dd", tmp_path / "one")
+    # per-frame force normalisation uses the whole frame's labels on every domain
+    normalised = ("loss.forces_normalization=frame", "loss.forces_scale_floor=0.05", "loss.energy_per=structure")
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one-normalised'}", *normalised)
+    janus_train(train_config, 2, f"run.output={tmp_path / 'dd-normalised'}", *normalised, layout=(1, 1, 2))
+    assert_same_training_state(tmp_path / "dd-normalised", tmp_path / "one-normalised")
+    assert max_relative_difference(parameters(tmp_path / "one-normalised"), parameters(tmp_path / "one")) > 1e-6
     # the ep=2 checkpoint holds the full model: it resumes on one process and exports
     janus_train(train_config, 2, f"run.output={tmp_path / 'resumed'}", "optim.max_steps=2", layout=(1, 2, 1))
     subprocess.run([str(BIN / "janus"), "train", str(train_config), f"--set=run.output={tmp_path / 'resumed'}",

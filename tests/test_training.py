@@ -132,6 +132,59 @@ def test_reference_energies_recover_a_composition_model():
         assert reference[z].item() == pytest.approx(value, abs=1e-9)
 
 
+def _huber(x: np.ndarray, delta: float) -> np.ndarray:
+    a = np.abs(x)
+    return np.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
+
+
+def test_loss_options_match_their_definitions():
+    """Per-frame force normalisation, per-structure energy and per-quantity Huber deltas,
+    against the formulas written out here with numpy."""
+    model = make_model()
+    frames = labelled_structures(3)
+    frames[1].calc.results["forces"] = frames[1].calc.results["forces"] * 40.0  # a "hot" frame
+    samples = samples_of(frames, model)
+    batch = collate(samples)
+    prediction = {k: v.detach() for k, v in predict(model, batch, create_graph=False).items()}
+    config = LossConfig(kind="huber", huber_delta=0.3, energy_huber_delta=0.05, forces_huber_delta=0.02,
+                        energy_per="structure", forces_normalization="frame", forces_scale_floor=0.07)
+    terms = loss_terms(prediction, batch, config)
+
+    energy_error = prediction["energy"].numpy() - np.array([s.energy for s in samples])
+    assert float(terms["energy"]) == pytest.approx(_huber(energy_error, 0.05).mean(), rel=1e-12)
+    per_atom = []
+    for g, sample in enumerate(samples):
+        labels = sample.forces.numpy()
+        factor = 0.07 / (np.sqrt(np.mean(labels**2)) + 0.07)
+        error = (prediction["forces"].numpy()[batch.graph.batch.numpy() == g] - labels) * factor
+        per_atom.append(_huber(error, 0.02).mean(axis=1))
+    assert float(terms["forces"]) == pytest.approx(np.concatenate(per_atom).mean(), rel=1e-12)
+    # the hot frame's errors are scaled down by ~floor / RMS, the others barely
+    assert np.sqrt(np.mean(samples[1].forces.numpy() ** 2)) > 30 * np.sqrt(np.mean(samples[0].forces.numpy() ** 2))
+
+
+def test_file_balance_gives_every_file_the_same_weight(tmp_path):
+    model = make_model()
+    write(tmp_path / "a.xyz", labelled_structures(2, seed=1), format="extxyz")
+    write(tmp_path / "b.xyz", labelled_structures(5, seed=2), format="extxyz")
+    paths = [tmp_path / "a.xyz", tmp_path / "b.xyz"]
+    for name in ("a", "b"):
+        pack_files([tmp_path / f"{name}.xyz"], tmp_path / f"{name}.pack")
+    frames = PackedFrames([tmp_path / "a.pack", tmp_path / "b.pack"])
+    samples = FrameSamples(frames, np.arange(len(frames)), model.cutoff, torch.float64)
+    for by in ("frames", "atoms"):
+        samples.balance_files(by)
+        totals = {}
+        for k in range(len(samples)):
+            sample = samples[k]
+            amount = sample.num_atoms if by == "atoms" else 1
+            totals[sample.file] = totals.get(sample.file, 0.0) + sample.weight * amount
+        assert len(totals) == len(paths)
+        first, second = totals.values()
+        assert first == pytest.approx(second, rel=1e-12)
+        assert sum(totals.values()) == pytest.approx(sum(samples.sizes) if by == "atoms" else len(samples), rel=1e-12)
+
+
 def test_atom_budget_batches_cover_every_structure_once():
     sizes = [5, 50, 3, 120, 7, 7, 200, 1, 60]
     batches = atom_budget_batches(sizes, 128, seed=1, epoch=3)

@@ -186,6 +186,18 @@ class ModelSection:
 class LossConfig:
     kind: str = "huber"  # "mse" or "huber"
     huber_delta: float = 0.1
+    # per quantity (0: `huber_delta`); the force delta applies to the normalised error when
+    # `forces_normalization` is "frame"
+    energy_huber_delta: float = 0.0
+    forces_huber_delta: float = 0.0
+    stress_huber_delta: float = 0.0
+    energy_per: str = "atom"  # "atom": error of E/N (eV/atom); "structure": error of E (eV)
+    # "frame": each frame's force errors divided by (its label RMS + forces_scale_floor) times
+    # forces_scale_floor, so near-equilibrium frames weigh as much as hot ones (docs/training.md)
+    forces_normalization: str = "none"
+    forces_scale_floor: float = 0.1  # eV/A
+    # equal total loss weight per data file: "frames" (by frame count), "atoms" (by atom count), "none"
+    file_balance: str = "none"
     energy_weight: float = 1.0  # on energy per atom (eV/atom)
     forces_weight: float = 1.0  # on force components (eV/A)
     stress_weight: float = 0.1  # on stress components (GPa)
@@ -238,17 +250,20 @@ class ParallelConfig:
 RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
     ("positive", lambda value: value > 0,
      ("data.max_atoms_per_batch", "data.prefetch_factor", "optim.lr", "optim.grad_clip", "loss.huber_delta",
-      "run.log_every", "run.checkpoint_every", "run.progress_every_s", "parallel.dp", "parallel.ep", "parallel.dd",
-      "parallel.bucket_mb")),
+      "loss.forces_scale_floor", "run.log_every", "run.checkpoint_every", "run.progress_every_s", "parallel.dp",
+      "parallel.ep", "parallel.dd", "parallel.bucket_mb")),
     ("zero or positive", lambda value: value >= 0,
      ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps",
-      "optim.epochs", "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
+      "optim.epochs", "loss.energy_huber_delta", "loss.forces_huber_delta", "loss.stress_huber_delta",
+      "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
       "run.threads", "run.max_minutes", "model.lora_rank", "model.lora_alpha")),
     ("between 0 and 1", lambda value: 0 <= value <= 1,
      ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "loss.kind": ("huber", "mse"),
+    "loss.energy_per": ("atom", "structure"), "loss.forces_normalization": ("none", "frame"),
+    "loss.file_balance": ("none", "frames", "atoms"),
     "parallel.shard": ("none", "optimizer", "full"),
 }
 

@@ -73,6 +73,7 @@ class FrameSamples(Sequence):
         self.cutoff = cutoff
         self.dtype = dtype
         self.sizes = frames.num_atoms()[self.indices]
+        self.file_weights: dict[str, float] = {}  # loss weight factor per input file (`balance_files`)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,7 +97,7 @@ class FrameSamples(Sequence):
             stress=torch.as_tensor(frame.stress, dtype=self.dtype),
             has_energy=frame.has_energy, has_forces=frame.has_forces,
             has_stress=frame.has_stress and bool(frame.pbc.all()),
-            weight=frame.weight, source=frame.source, file=frame.file,
+            weight=frame.weight * self.file_weights.get(frame.file, 1.0), source=frame.source, file=frame.file,
             head=int(self.heads[self.indices[position]]) if self.heads is not None else 0,
         )
 
@@ -106,6 +107,16 @@ class FrameSamples(Sequence):
 
     def composition(self) -> Composition:
         return self.frames.composition().rows(self.indices)
+
+    def balance_files(self, by: str) -> dict[str, float]:
+        """Set loss weight factors that give every input file the same total weight: by frame
+        count (`by="frames"`) or atom count (`"atoms"`) over these frames; returns them."""
+        files = self.frames.frame_files()[self.indices]
+        amounts = self.sizes if by == "atoms" else np.ones(len(files))
+        names = sorted(set(files.tolist()))
+        totals = {name: float(amounts[files == name].sum()) for name in names}
+        self.file_weights = {name: float(amounts.sum()) / (len(names) * total) for name, total in totals.items()}
+        return self.file_weights
 
     def elements(self) -> np.ndarray:
         """The atomic numbers present in these frames."""
@@ -228,6 +239,7 @@ class Batch:
     files: list[str]
     replay: torch.Tensor | None = None  # [G] bool: frames of `data.replay`
     head: torch.Tensor | None = None  # [G] output head of each structure
+    force_rms: torch.Tensor | None = None  # [G] RMS of each frame's force label components (0: none)
 
     def to(self, device: torch.device) -> "Batch":
         """The batch on `device` (its graph and labels; the names stay)."""
@@ -240,7 +252,8 @@ class Batch:
         return dataclasses.replace(
             self, graph=self.graph.to(device=device), energy=move(self.energy), forces=move(self.forces),
             stress=move(self.stress), has_energy=move(self.has_energy), has_forces=move(self.has_forces),
-            has_stress=move(self.has_stress), weight=move(self.weight), replay=move(self.replay), head=move(self.head))
+            has_stress=move(self.has_stress), weight=move(self.weight), replay=move(self.replay), head=move(self.head),
+            force_rms=move(self.force_rms))
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -257,4 +270,6 @@ def collate(samples: Sequence[Sample]) -> Batch:
         files=[s.file for s in samples],
         replay=torch.tensor([s.replay for s in samples]),
         head=torch.tensor([s.head for s in samples], dtype=torch.long),
+        force_rms=torch.tensor([float(s.forces.to(torch.float64).square().mean().sqrt()) if s.has_forces else 0.0
+                                for s in samples], dtype=torch.float64),
     )

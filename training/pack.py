@@ -576,6 +576,11 @@ class PackedFrames:
             raise ValueError(f"{name} is not a per-frame array")
         return np.concatenate([shard.column(self.files, name) for shard in self.shards])
 
+    def frame_files(self) -> np.ndarray:
+        """The input file of every frame (str objects)."""
+        return np.repeat(np.array([shard.file for shard in self.shards], dtype=object),
+                         [shard.frames for shard in self.shards])
+
     def num_atoms(self) -> np.ndarray:
         """Atoms of every frame (int64)."""
         return np.concatenate([np.diff(shard.column(self.files, "atom_offset")) for shard in self.shards])

@@ -225,6 +225,11 @@ class Trainer:
         self.validation_samples = FrameSamples(validation_frames, validation, cutoff, self.dtype, validation_heads)
         if not len(self.train_samples):
             raise JanusInputError("the training set is empty")
+        if self.config.loss.file_balance != "none":
+            factors = self.train_samples.balance_files(self.config.loss.file_balance)
+            if self.is_main:
+                print("loss weight per data file: " + ", ".join(f"{Path(name).name} {factor:.2f}"
+                                                                 for name, factor in factors.items()))
         self.samples = self.train_samples  # what the loader indexes: training frames, then replay frames
         if data.replay:
             replay_frames = open_dataset(data.replay, data.cache_dir, run.progress, run.progress_every_s)
@@ -661,7 +666,8 @@ class Trainer:
                 batch = collate(samples)
                 prediction = predict(self.model, batch.to(self.device), create_graph=False)
                 if count:
-                    metrics.update({key: value.detach().cpu() for key, value in prediction.items()}, batch)
+                    metrics.update({key: value.detach().cpu() for key, value in prediction.items()}, batch,
+                                   None if self.heads else self.model.reference_energies)
         self.model.train()
         return self._combine_metrics(metrics).summary()
 

@@ -1,0 +1,204 @@
+"""Accuracy study (issue 14): named training recipes, N minutes each on one thread, compared
+per data file on the validation split next to two baselines computed on the same frames.
+
+    python bench/accuracy_study.py --minutes 60 --recipes baseline frame-norm ... [--parallel 2]
+    python bench/accuracy_study.py --report-only            # tables and plots of finished runs
+
+Each recipe is `janus train examples/accuracy.yaml` with `--set` overrides (RECIPES below),
+`run.threads=1`, `run.max_minutes=N` (minutes of step time), one run directory per recipe
+under `--output`. A finished run (model.pt present, same minutes) is not run again unless
+`--force`. The evaluation is the run's last validation record (EMA weights, every frame of
+the validation split, grouped by data file): energy MAE per atom, force MAE, stress MAE, and
+the baselines on the same frames: zero forces (`F=0`), zero stress and the per-element
+reference-energy fit alone (`E ref`, the least-squares fit the model starts from).
+Writes bench/results/accuracy_study.json (tables and learning curves) and
+accuracy_study.png (validation errors per file against training time, one line per recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CONFIG = ROOT / "examples" / "accuracy.yaml"
+
+# name -> --set overrides of examples/accuracy.yaml (its own values are the "current" recipe)
+RECIPES: dict[str, list[str]] = {
+    # the recipe of issue 14's table: accuracy.yaml as it was (absolute Huber loss, delta 0.1)
+    "baseline": ["loss.forces_normalization=none", "loss.file_balance=none", "loss.energy_weight=1",
+                 "loss.energy_huber_delta=0", "loss.forces_huber_delta=0"],
+    # each frame's force errors divided by its force scale (floor 0.1 eV/A)
+    "frame-norm": ["loss.forces_normalization=frame", "loss.file_balance=none", "loss.energy_weight=1"],
+    # every data file the same total loss weight (by frame count)
+    "file-balance": ["loss.forces_normalization=none", "loss.file_balance=frames", "loss.energy_weight=1"],
+    "frame-norm+balance": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=1"],
+    # the energy term 10x heavier
+    "energy-x10": ["loss.forces_normalization=none", "loss.file_balance=none", "loss.energy_weight=10"],
+    "frame-norm+energy-x10": ["loss.forces_normalization=frame", "loss.file_balance=none", "loss.energy_weight=10"],
+    "all": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10"],
+    "all+floor0.03": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                      "loss.forces_scale_floor=0.03"],
+    "all+delta0.01": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                      "loss.forces_huber_delta=0.01", "loss.energy_huber_delta=0.01"],
+    "all+mse": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                "loss.kind=mse"],
+    "all+base": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                 "model.preset=base"],
+    "all+batch64": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                    "data.max_atoms_per_batch=64"],
+    "all+lr3e-3": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                   "optim.lr=0.003"],
+    "all+stress1": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                    "loss.stress_weight=1"],
+    "all+atoms-balance": ["loss.forces_normalization=frame", "loss.file_balance=atoms", "loss.energy_weight=10"],
+    "all+energy-structure": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=1",
+                             "loss.energy_per=structure"],
+    "all+ema0.999": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                     "optim.ema_decay=0.999"],
+    "all+no-zbl": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
+                   "model.overrides={repulsion: false}"],
+}
+FILES = ["mptrj-random-1k", "alexandria-random-1k", "mptrj-highest-stress-1k", "mpf-TP", "mpf-alkali-TP",
+         "random-TP"]
+
+
+def run_directory(output: Path, name: str, minutes: float) -> Path:
+    return output / f"{name}-{minutes:g}min"
+
+
+def command(name: str, minutes: float, output: Path, extra: list[str]) -> list[str]:
+    sets = [f"run.output={run_directory(output, name, minutes)}", f"run.max_minutes={minutes}", "run.threads=1",
+            "run.progress=false", "data.num_workers=1", *RECIPES[name], *extra]
+    return [sys.executable, "-m", "janus_potential.training", "train", str(CONFIG)] + [
+        arg for item in sets for arg in ("--set", item)]
+
+
+def finished(directory: Path) -> bool:
+    return (directory / "model.pt").is_file() and (directory / "metrics.jsonl").is_file()
+
+
+def run_recipes(names: list[str], minutes: float, output: Path, parallel: int, force: bool, extra: list[str]) -> None:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    queue = [n for n in names if force or not finished(run_directory(output, n, minutes))]
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    output.mkdir(parents=True, exist_ok=True)
+    while queue or running:
+        while queue and len(running) < parallel:
+            name = queue.pop(0)
+            log = open(output / f"{name}-{minutes:g}min.log", "w")
+            print(f"[{time.strftime('%H:%M:%S')}] start {name}: {minutes:g} min", flush=True)
+            running.append((name, subprocess.Popen(command(name, minutes, output, extra), cwd=ROOT, env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT), time.time()))
+        time.sleep(5)
+        for entry in list(running):
+            name, process, started = entry
+            if process.poll() is not None:
+                running.remove(entry)
+                state = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see the log)"
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {state} after {(time.time() - started) / 60:.1f} min",
+                      flush=True)
+
+
+def read_run(directory: Path) -> dict:
+    train, validation = [], []
+    for line in (directory / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        (validation if "validation" in record else train).append(record)
+    if not validation:
+        raise SystemExit(f"{directory}/metrics.jsonl has no validation record")
+    return {"steps": validation[-1]["step"], "minutes": validation[-1]["elapsed_s"] / 60,
+            "final": validation[-1]["validation"],
+            "curve": [{"step": r["step"], "minutes": r["elapsed_s"] / 60, "errors": r["validation"]}
+                      for r in validation]}
+
+
+def file_key(errors: dict, stem: str) -> str | None:
+    return next((k for k in errors if Path(k).stem == stem), None)
+
+
+def mae(entry: dict | None, key: str, scale: float = 1.0) -> float:
+    value = (entry or {}).get(key, {}).get("mae")
+    return float("nan") if value is None else scale * value
+
+
+def table(results: dict) -> str:
+    lines = [f"| recipe | file | E MAE meV/at | E ref fit | F MAE eV/A | F=0 | S MAE GPa | S=0 | steps |",
+             "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
+    for name, run in results.items():
+        for stem in FILES + ["all"]:
+            key = "all" if stem == "all" else file_key(run["final"], stem)
+            entry = run["final"].get(key) if key else None
+            if entry is None:
+                continue
+            lines.append(f"| {name} | {stem} | {mae(entry, 'energy_per_atom', 1000):.1f} | "
+                         f"{mae(entry, 'energy_reference_per_atom', 1000):.1f} | {mae(entry, 'forces'):.3f} | "
+                         f"{mae(entry, 'forces_zero'):.3f} | {mae(entry, 'stress_gpa'):.2f} | "
+                         f"{mae(entry, 'stress_zero_gpa'):.2f} | {run['steps']} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(FILES), figsize=(4 * len(FILES), 7), squeeze=False)
+    for name, run in results.items():
+        for column, stem in enumerate(FILES):
+            key = file_key(run["final"], stem)
+            if key is None:
+                continue
+            minutes = [r["minutes"] for r in run["curve"]]
+            axes[0][column].plot(minutes, [mae(r["errors"].get(key), "energy_per_atom", 1000) for r in run["curve"]],
+                                 label=name)
+            axes[1][column].plot(minutes, [mae(r["errors"].get(key), "forces") for r in run["curve"]], label=name)
+            zero = mae(run["final"][key], "forces_zero")
+            axes[1][column].axhline(zero, color="k", ls=":", lw=1)
+            axes[0][column].set_title(stem)
+    for ax in axes.flat:
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step time (min)")
+    axes[0][0].set_ylabel("energy MAE (meV/atom)")
+    axes[1][0].set_ylabel("force MAE (eV/A); dotted: F=0")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["baseline"], choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--parallel", type=int, default=1, help="recipes trained at once (one thread each)")
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "accuracy-study")
+    parser.add_argument("--results", default="accuracy_study", help="name of the JSON/PNG in bench/results")
+    parser.add_argument("--force", action="store_true", help="train again even where a finished run exists")
+    parser.add_argument("--report-only", action="store_true", help="only read finished runs")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every recipe")
+    args = parser.parse_args()
+    if not args.report_only:
+        run_recipes(args.recipes, args.minutes, args.output, args.parallel, args.force, args.extra)
+    results = {name: read_run(run_directory(args.output, name, args.minutes)) for name in args.recipes
+               if (run_directory(args.output, name, args.minutes) / "metrics.jsonl").is_file()}
+    for name in results:
+        results[name]["overrides"] = RECIPES[name] + args.extra
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": f"{os.cpu_count()} cores, one thread per run", "minutes": args.minutes,
+           "config": str(CONFIG.relative_to(ROOT)), "runs": results}
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(out, indent=1))
+    plot(results, RESULTS / f"{args.results}.png")
+    print(table(results))
+    print(f"wrote {RESULTS / (args.results + '.json')} and {RESULTS / (args.results + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
