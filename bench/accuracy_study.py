@@ -129,7 +129,7 @@ def mae(entry: dict | None, key: str, scale: float = 1.0) -> float:
 
 
 def table(results: dict) -> str:
-    lines = [f"| recipe | file | E MAE meV/at | E ref fit | F MAE eV/A | F=0 | S MAE GPa | S=0 | steps |",
+    lines = ["| recipe | file | E MAE meV/at | E ref fit | F MAE eV/A | F=0 | S MAE GPa | S=0 | steps |",
              "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
     for name, run in results.items():
         for stem in FILES + ["all"]:
