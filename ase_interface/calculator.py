@@ -17,7 +17,8 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from janus_potential.devices import resolve_device
+from janus_potential.devices import on_device, rank_device, resolve_device
+from janus_potential.parallel.mesh import local_rank
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
 from janus_potential.io import load_for_inference
@@ -38,17 +39,17 @@ class JanusCalculator(Calculator):
         domain (halo) backend of the trainer (`ParallelJanusCalculator`: each rank builds and
         evaluates only its own slab); every rank gets the full results. `device`: "auto"
         (CUDA when visible), "cpu", "cuda" or "cuda:N" (`janus_potential.devices`); the
-        neighbour list is built on the CPU and moved once per evaluation. The parallel
-        calculator runs on the CPU."""
+        neighbour list is built on the CPU and moved once per evaluation. With
+        `parallel=True` each rank takes the GPU of its node-local rank."""
         super().__init__(**kwargs)
-        self.device = resolve_device(device) if not parallel else torch.device("cpu")
+        self.device = resolve_device(device) if not parallel else rank_device(device, local_rank())
         loaded = load_for_inference(model)
-        loaded.module = loaded.module.to(self.device)
+        loaded.module = on_device(loaded.module, self.device)
         self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
                                                                          loaded.elements, loaded.dtype)
         self.skin = float(skin)
         self._neighbors: dict[str, Any] | None = None
-        self._parallel = ParallelJanusCalculator(loaded, skin=self.skin) if parallel else None
+        self._parallel = ParallelJanusCalculator(loaded, skin=self.skin, device=str(self.device)) if parallel else None
 
     # ----------------------------------------------------------------- neighbour list
     def _neighbor_list(self, atoms) -> dict[str, Any]:

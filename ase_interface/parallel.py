@@ -26,13 +26,14 @@ import torch.distributed as dist
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from janus_potential.devices import on_device, rank_device
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure
 from janus_potential.io import InferenceModel, load_for_inference
 from janus_potential.model import edge_vectors
 from janus_potential.parallel.domain import Domain, DomainModel, request_halo_plan, slab_domain
 from janus_potential.parallel.halo import HaloPlan
-from janus_potential.parallel.mesh import init_distributed
+from janus_potential.parallel.mesh import init_distributed, local_rank
 
 
 @dataclass
@@ -63,13 +64,19 @@ class ParallelJanusCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model: Any, skin: float = 1.0, group: Optional[dist.ProcessGroup] = None,
-                 **kwargs: Any) -> None:
+                 device: str = "auto", **kwargs: Any) -> None:
+        """`device`: "auto" (CUDA when visible), "cpu", "cuda" or "cuda:N"; each rank takes the
+        GPU of its node-local rank (several ranks may share one). Slabs and neighbour lists
+        are built on the CPU; the model, its halo exchanges (NCCL, or through host memory)
+        and the edge vectors of each step live on the device; the owned rows come back to
+        the CPU for the all-gather."""
         super().__init__(**kwargs)
+        self.device = rank_device(device, local_rank())
         loaded = model if isinstance(model, InferenceModel) else load_for_inference(model)
-        self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
+        self.module, self.cutoff, self.supported_elements, self.dtype = (on_device(loaded.module, self.device), loaded.cutoff,
                                                                          loaded.elements, loaded.dtype)
         self.skin = float(skin)
-        init_distributed()
+        init_distributed(device=self.device)
         self.distributed = group is not None or (dist.is_initialized() and dist.get_world_size() > 1)
         self.group = group  # None: every launched rank (or one process)
         self.rank = dist.get_rank(group) if self.distributed else 0
@@ -191,9 +198,10 @@ class ParallelJanusCalculator(Calculator):
         # as in JanusCalculator: run an exported graph as written (no profiling executor)
         with torch.enable_grad(), torch.jit.optimized_execution(False):
             out = DomainModel(self.module, step_domain, neighbors.plan, self.group).outputs(
-                vectors[within].to(self.dtype), volume)
-        owned_rows = torch.cat([out["forces"].detach().to(torch.float64),
-                                out["atom_energies"].detach().to(torch.float64).unsqueeze(1)], dim=1)
+                vectors[within].to(device=self.device, dtype=self.dtype), volume)
+        out = {key: value.detach().cpu() for key, value in out.items()}
+        owned_rows = torch.cat([out["forces"].to(torch.float64),
+                                out["atom_energies"].to(torch.float64).unsqueeze(1)], dim=1)
         full = self._gather(neighbors, owned_rows)
         self._counters["evaluations"] += 1
         energy = float(out["energy"].detach())

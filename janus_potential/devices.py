@@ -2,9 +2,11 @@
 "cpu", "cuda" or "cuda:N".
 
 Graphs are built on the CPU (vesin) and moved to the device once per evaluation; the model
-lives on the device; results come back to the CPU for ASE and LAMMPS. Multi-rank
-collectives exchange CPU tensors (gloo), whatever the device. An unavailable device is a
-clear error, never a silent fall-back to the CPU.
+lives on the device; results come back to the CPU for ASE and LAMMPS. With several ranks
+each takes the GPU of its node-local rank (`rank_device`); the process group's backend
+follows the device (`janus_potential.parallel.mesh`: gloo for the CPU, "cpu:gloo,cuda:nccl"
+for CUDA), and halo and expert exchanges of CUDA tensors over a gloo-only group go through
+host memory. An unavailable device is a clear error, never a silent fall-back to the CPU.
 """
 
 from __future__ import annotations
@@ -35,3 +37,33 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise JanusInputError(f"device {spec!r}: this process sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def module_device(module) -> torch.device:
+    """The device of a model's first parameter or buffer (nn.Module or TorchScript module;
+    the CPU for None or a module without tensors)."""
+    if module is None:
+        return torch.device("cpu")
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def rank_device(spec: str | torch.device | None, local_rank: int) -> torch.device:
+    """`resolve_device(spec)` for one rank of a job: a CUDA device without an index becomes
+    the GPU of the node-local rank (several ranks share a GPU when there are more ranks than
+    GPUs)."""
+    device = resolve_device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def on_device(module, device: torch.device):
+    """`module` on `device`: itself when it is there already, else a copy moved there (a
+    caller's model is never moved behind its back)."""
+    if module_device(module) == torch.device(device):
+        return module
+    import copy
+
+    return copy.deepcopy(module).to(device)

@@ -6,7 +6,7 @@
 
 #include "pair.h"
 
-#include <torch/script.h>
+#include "janus_model.h"
 
 #include <string>
 #include <vector>
@@ -30,21 +30,21 @@ class PairJanus : public Pair {
   void unpack_reverse_comm(int, int *, double *) override;
   double memory_usage() override;
 
+  // LAMMPS's forward / reverse ghost communication of model rows (the janus::HaloExchange
+  // that compute() hands to the model)
+  void forward(torch::Tensor &rows);
+  void reverse(torch::Tensor &rows);
+
  private:
   void allocate();
   void load_model(const std::string &path);
-  void exchange_forward(torch::Tensor &rows);
-  void exchange_reverse(torch::Tensor &rows);
+  int node_local_rank();
 
-  torch::jit::Module module_;
-  bool model_loaded_ = false;
+  janus::JanusModel model_;
   std::string model_path_;
-  double cutoff_ = 0.0;
-  int num_interactions_ = 0;
-  int features_ = 0;
-  torch::Dtype dtype_ = torch::kFloat32;
-  std::vector<int> covered_;      // atomic numbers the model covers
-  std::vector<int64_t> type_z_;   // LAMMPS type -> atomic number (0: NULL, unmapped)
+  std::string device_spec_ = "auto";    // pair_style janus device ...
+  int threads_ = 0;                      // pair_style janus threads ...; 0: libtorch's default
+  std::vector<int64_t> type_z_;          // LAMMPS type -> atomic number (0: NULL, unmapped)
 
   torch::Tensor comm_rows_;       // [nall, F] rows being exchanged (contiguous)
   double bytes_ = 0.0;            // tensor memory of the latest compute()

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from janus_potential import JanusPotential  # noqa: E402
 from janus_potential.testing import random_structure  # noqa: E402
 
+from .devices import CUDA_VISIBLE, DEVICES  # noqa: E402, F401  (the device parameter of the tests)
 from .model_suite import make_model  # noqa: E402  (shared with the model suite)
 
 

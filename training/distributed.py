@@ -122,6 +122,9 @@ class OwnedAtoms:
     num_atoms: torch.Tensor  # [G] atoms of each whole structure (energy per atom)
     batch: torch.Tensor  # [n_owned] structure of each owned atom
 
+    def to(self, device: torch.device) -> "OwnedAtoms":
+        return OwnedAtoms(self.num_atoms.to(device), self.batch.to(device))
+
 
 @dataclass
 class ForwardPass:

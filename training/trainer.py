@@ -47,14 +47,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_potential.devices import resolve_device
+from janus_potential.devices import rank_device
 from janus_potential.errors import JanusInputError
 from janus_potential.lora import add_lora
 from janus_potential.model import DTYPES, JanusPotential
 from janus_potential.nn.moe import balance_loss
 from janus_potential.parallel.domain import DomainModel
 from janus_potential.parallel.expert import expert_shards, full_state_dict, shard_experts
-from janus_potential.parallel.mesh import ProcessMesh
+from janus_potential.parallel.mesh import ProcessMesh, local_rank
 
 from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig, data_heads, split_head
@@ -76,7 +76,8 @@ class Trainer:
         config.validate()
         self.config = config
         parallel = config.parallel
-        self.mesh = ProcessMesh.create(parallel.dp, parallel.ep, parallel.dd)
+        self.device = self._choose_device(config.run.device)
+        self.mesh = ProcessMesh.create(parallel.dp, parallel.ep, parallel.dd, device=self.device)
         self.rank, self.world = self.mesh.rank, self.mesh.world_size
         self.data_rank = self.mesh.dp_index * self.mesh.ep + self.mesh.ep_index
         self.data_ranks = self.mesh.dp * self.mesh.ep
@@ -91,7 +92,6 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.output / "checkpoint.pt"
         self.dtype = DTYPES[run.dtype]
-        self.device = self._choose_device(run.device)
 
         self.model = self._build_model()
         self.shards = ParameterShards(self.model, self.mesh, parallel.shard)
@@ -119,22 +119,14 @@ class Trainer:
         self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
         self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
 
-    def _choose_device(self, spec: str) -> torch.device:
-        """The training device: the model, its optimizer and EMA state and every batch live
-        there; collectives go through gloo (CPU tensors, and CUDA tensors for the gradient
-        sums and broadcasts). Expert and domain parallelism exchange CPU tensors only, so
-        they train on the CPU ("auto" says so; an explicit CUDA device is an error)."""
-        if self.mesh.ep > 1 or self.mesh.dd > 1:
-            if spec.strip().lower() not in ("auto", "cpu"):
-                raise JanusInputError(f"run.device={spec}: expert and domain parallel training (parallel.ep/dd > 1) "
-                                      "runs on the CPU only so far; use run.device=cpu")
-            if torch.cuda.is_available() and self.is_main:
-                print("note: parallel.ep/dd > 1 trains on the CPU (run.device=auto)")
-            return torch.device("cpu")
-        device = resolve_device(spec)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return device
+    @staticmethod
+    def _choose_device(spec: str) -> torch.device:
+        """The training device of this rank (`run.device`; "auto": CUDA when visible): the
+        model, its optimizer and EMA state and every batch live there, each rank on the GPU of
+        its node-local rank. The process group's backend follows it (gloo on the CPU,
+        "cpu:gloo,cuda:nccl" on GPUs); label counts, logs and checkpoint bookkeeping stay on
+        the CPU. Halo and expert exchanges run on the device (NCCL) or through host memory."""
+        return rank_device(spec, local_rank())
 
     @property
     def is_main(self) -> bool:
@@ -523,9 +515,10 @@ class Trainer:
         if self.mesh.dd > 1:
             (sample,) = samples
             domain_model = self._domain_model(sample)
-            out = domain_model(sample.graph.positions, sample.graph.cell[0], compute_virial, create_graph=True)
+            out = domain_model(sample.graph.positions.to(self.device), sample.graph.cell[0].to(self.device),
+                               compute_virial, create_graph=True)
             routing = out
-            owned = domain_model.domain.owned
+            owned = domain_model.domain.owned.cpu()
             prediction = {"energy": out["energy"].reshape(1), "forces": out["forces"]}
             if compute_virial:
                 prediction["stress"] = out["stress"].unsqueeze(0)
@@ -542,8 +535,8 @@ class Trainer:
             (weight * target.has_stress).sum() * share,
             torch.tensor(float(target.forces.shape[0]), dtype=torch.float64),
         ]) * float(counted)
+        target = target.to(self.device)
         if self.mesh.dd == 1:
-            target = target.to(self.device)
             prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True,
                                                       head=target.head)
         return ForwardPass(prediction, target, counted, counts, routing["router_probability_sum"] * float(counted),

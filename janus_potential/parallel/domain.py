@@ -22,13 +22,14 @@ differentiable to second order, so force/stress losses train across ranks exactl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from janus_potential.devices import module_device
 from janus_potential.graph import AtomGraph, neighbor_pairs
 from janus_potential.model import atom_energies, edge_vectors, outputs_from_edge_gradient, stress_from_virial
 
@@ -59,6 +60,14 @@ class Domain:
     @property
     def owned(self) -> torch.Tensor:
         return self.atom[: self.n_owned]
+
+    def to(self, device: torch.device) -> "Domain":
+        """The domain with its tensors on `device`."""
+        if self.atom.device == torch.device(device):
+            return self
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 def slab_axis(cell: np.ndarray) -> int:
@@ -275,9 +284,12 @@ class DomainModel:
     """A `JanusPotential` evaluated on one domain of a decomposed structure."""
 
     def __init__(self, model, domain: Domain, plan: HaloPlan, group: Optional[dist.ProcessGroup] = None) -> None:
+        """The domain's and plan's index tensors move to the model's device; the exchanges
+        follow `halo.all_to_all_rows` (on the device, or through host memory)."""
+        device = module_device(model)
         self.model = model
-        self.domain = domain
-        self.plan = plan
+        self.domain = domain.to(device)
+        self.plan = plan.to(device) if plan is not None else None
         self.group = group
 
     @classmethod
@@ -308,6 +320,8 @@ class DomainModel:
         """`__call__` from the local edge vectors (the domain's edges, in the model's dtype):
         for front ends that compute them in float64 and mask edges beyond the cutoff."""
         model, domain, plan = self.model, self.domain, self.plan
+        if volume is not None:
+            volume = volume.to(local_vectors.device)
         if not local_vectors.requires_grad:
             local_vectors = local_vectors.detach().requires_grad_(True)
         atom_energy, routing = atom_energies(model, domain.species, domain.edge_index, local_vectors, domain.n_owned,

@@ -21,6 +21,8 @@ from torch.nn import functional as F
 
 from janus_potential.nn.moe import MixtureOfExperts
 
+from .halo import all_to_all_rows
+
 
 class AllToAll(torch.autograd.Function):
     """Rows in consecutive blocks of `send_counts` go to ranks 0..P-1; blocks of
@@ -31,8 +33,7 @@ class AllToAll(torch.autograd.Function):
                 group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         ctx.counts = (send_counts, recv_counts, group)
         start = time.perf_counter()
-        out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        out = all_to_all_rows(x, send_counts, recv_counts, group)
         AllToAll.bytes_sent += (x.shape[0] - send_counts[dist.get_rank(group)]) * x[0].numel() * x.element_size() \
             if x.shape[0] else 0
         AllToAll.seconds += time.perf_counter() - start
@@ -84,16 +85,18 @@ class ExpertParallelMoE(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         ranks, local = self.group_size, self.local_experts
         # counts_from[s, e]: slots rank s sends to my local expert e (integers, no autograd).
+        # (the counts are exchanged on the CPU: they become Python ints for the split anyway)
+        counts_cpu = counts.cpu()
         counts_from = torch.empty(ranks, local, dtype=counts.dtype)
-        dist.all_to_all_single(counts_from, counts.view(ranks, local).contiguous(), group=self.group)
-        send_counts = counts.view(ranks, local).sum(1).tolist()
+        dist.all_to_all_single(counts_from, counts_cpu.view(ranks, local).contiguous(), group=self.group)
+        send_counts = counts_cpu.view(ranks, local).sum(1).tolist()
         recv_counts = counts_from.sum(1).tolist()
 
         received = AllToAll.apply(x.index_select(0, atom_of_slot), send_counts, recv_counts, self.group)
         # `received` is one block per (source rank, local expert): regroup by expert, so that
         # each expert runs one matmul (computing the blocks where they lie needs ranks x more
         # per-block weight gradients in the backward: +0.7 GiB per rank for `1b`, measured)
-        expert_of_row = torch.arange(local).repeat(ranks).repeat_interleave(counts_from.reshape(-1))
+        expert_of_row = torch.arange(local).repeat(ranks).repeat_interleave(counts_from.reshape(-1)).to(x.device)
         by_expert = torch.argsort(expert_of_row, stable=True)
         grouped = received.index_select(0, by_expert)
         # unbind once (see MixtureOfExperts.forward: per-expert indexing costs O(E^2) in backward)

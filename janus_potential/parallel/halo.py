@@ -13,17 +13,36 @@ and replays the exchanges exactly (second derivatives across ranks are exact).
 
 The same `HaloPlan` drives both backends: with `group=None` (one process) every message is
 a self-message (a gather / index_add); with a process group the messages travel in one
-`all_to_all_single` per exchange.
+`all_to_all_single` per exchange (`all_to_all_rows`: on the device where the group's
+backend supports it -- NCCL for CUDA tensors --, else staged through host memory, so a
+CUDA model works over gloo too).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+
+def backend_handles(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether `group`'s backend exchanges tensors of this device directly (CPU: always;
+    CUDA: when the backend includes NCCL, e.g. "cpu:gloo,cuda:nccl")."""
+    return tensor.device.type == "cpu" or "nccl" in str(dist.get_backend(group)).lower()
+
+
+def all_to_all_rows(values: torch.Tensor, send_counts: List[int], recv_counts: List[int],
+                    group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Rows of `values` in consecutive blocks of `send_counts` go to ranks 0..P-1 of `group`;
+    blocks of `recv_counts` arrive, in rank order (through host memory when the backend does
+    not handle the device; same values either way)."""
+    staged = values if backend_handles(values, group) else values.cpu()
+    received = staged.new_empty((sum(recv_counts),) + tuple(values.shape[1:]))
+    dist.all_to_all_single(received, staged.contiguous(), recv_counts, send_counts, group=group)
+    return received.to(values.device)
 
 
 @dataclass
@@ -56,12 +75,17 @@ class HaloPlan:
         if not self.distributed:
             return values
         start = time.perf_counter()
-        received = values.new_empty((sum(recv_counts),) + tuple(values.shape[1:]))
-        dist.all_to_all_single(received, values.contiguous(), recv_counts, send_counts, group=self.group)
+        received = all_to_all_rows(values, send_counts, recv_counts, self.group)
         self.seconds[0] += time.perf_counter() - start
         row_bytes = values[0].numel() * values.element_size() if values.shape[0] else 0
         self.bytes_sent[0] += (values.shape[0] - send_counts[self.rank]) * row_bytes
         return received
+
+    def to(self, device: torch.device) -> "HaloPlan":
+        """The plan with its row indices on `device` (counters shared with this one)."""
+        if self.send_index.device == torch.device(device):
+            return self
+        return replace(self, send_index=self.send_index.to(device), recv_rows=self.recv_rows.to(device))
 
     def forward_copy(self, h: torch.Tensor) -> torch.Tensor:
         received = self._transfer(h.index_select(0, self.send_index), self.send_counts, self.recv_counts)
@@ -118,7 +142,9 @@ class AllReduceSum(torch.autograd.Function):
         ctx.group = group
         out = x.clone()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(out, group=group)
+            staged = out if backend_handles(out, group) else out.cpu()
+            dist.all_reduce(staged, group=group)
+            out = staged.to(x.device)
         return out
 
     @staticmethod

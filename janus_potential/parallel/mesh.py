@@ -53,18 +53,48 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in MPI_ENVIRONMENT)
 
 
-def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                        "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank() -> int:
+    """This process's rank among the processes of its node: from the launcher's variables
+    (torchrun's LOCAL_RANK, Open MPI, MPICH/Hydra, MVAPICH, Slurm), else from an MPI
+    shared-memory split of the world under mpirun, else 0."""
+    for name in LOCAL_RANK_VARIABLES:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    if launched_by_mpi():
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return 0
+        return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return 0
+
+
+def backend_for(device: Optional[torch.device]) -> str:
+    """gloo for CPU runs; for CUDA runs "cpu:gloo,cuda:nccl" (each collective goes to the
+    backend of its tensors' device: NCCL for model tensors, gloo for CPU bookkeeping)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def init_distributed(backend: Optional[str] = None, device: Optional[torch.device] = None) -> tuple[int, int]:
     """Initialise the default process group from the launcher; returns (rank, world size).
 
-    Idempotent; one process without a launcher stays uninitialised and returns (0, 1).
-    gloo unless `backend` says otherwise: every tensor Janus exchanges today lives on the CPU
-    (NCCL, chosen merely because CUDA is visible, failed at the first collective on a GPU
-    node). Under mpirun without MASTER_ADDR, rank 0 broadcasts its own address and a free
-    port (never a hard-coded localhost, so a multi-node launch can meet).
+    Idempotent; one process without a launcher stays uninitialised and returns (0, 1). The
+    backend follows `device` (`backend_for`) unless `backend` is given; a CUDA `device` is
+    made the current device first. Under mpirun without MASTER_ADDR, rank 0 broadcasts its
+    own address and a free port (never a hard-coded localhost, so a multi-node launch can
+    meet).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    backend = backend or "gloo"
+    backend = backend or backend_for(device)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world == 1:
@@ -87,8 +117,6 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
     os.environ["MASTER_ADDR"] = address
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group(backend, rank=rank, world_size=world)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("MPI_LOCALRANKID", rank)) % torch.cuda.device_count())
     return rank, world
 
 
@@ -120,9 +148,10 @@ class ProcessMesh:
         return self.rank % self.dd
 
     @classmethod
-    def create(cls, dp: int = 1, ep: int = 1, dd: int = 1) -> "ProcessMesh":
-        """Initialise torch.distributed if needed and build every group (collective)."""
-        rank, world = init_distributed()
+    def create(cls, dp: int = 1, ep: int = 1, dd: int = 1, device: Optional[torch.device] = None) -> "ProcessMesh":
+        """Initialise torch.distributed if needed (backend from `device`) and build every
+        group (collective)."""
+        rank, world = init_distributed(device=device)
         if min(dp, ep, dd) < 1:
             raise MeshError(f"parallel sizes must be positive, got dp={dp} ep={ep} dd={dd}")
         if dp * ep * dd != world:

@@ -1,0 +1,81 @@
+/* JanusModel: an exported Janus model (TorchScript file) and its per-layer evaluation with a
+   halo callback, independent of LAMMPS (the way DeePMD-kit's pair_deepmd.cpp sits on a
+   backend class). PairJanus (pair_janus.cpp) only speaks LAMMPS: neighbour lists, ghost
+   communication, forces and virials.
+
+   The model lives on one torch device (CPU or a CUDA GPU); the inputs are built on the CPU
+   and moved once per evaluation, halo rows travel through host memory (so any MPI works),
+   and the results come back to the CPU in float64. */
+
+#ifndef JANUS_MODEL_H
+#define JANUS_MODEL_H
+
+#include <torch/script.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace janus {
+
+// a problem with the model file, its metadata or an evaluation: the message names it
+class ModelError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// the host's ghost communication, called between layers with host-memory rows [n_all, F]
+// (owned rows first, then ghosts) in the model's dtype, contiguous
+class HaloExchange {
+ public:
+  virtual ~HaloExchange() = default;
+  virtual void forward(torch::Tensor &rows) = 0;    // ghost rows := their owners' rows
+  virtual void reverse(torch::Tensor &rows) = 0;    // ghost rows summed into their owners' rows
+};
+
+struct Evaluation {
+  torch::Tensor atom_energy;      // [n_local] float64, CPU: energies of the owned atoms
+  torch::Tensor edge_gradient;    // [E, 3] float64, CPU: dE/d(edge vector); undefined without edges
+  double bytes = 0.0;             // memory of the layer outputs (for memory_usage)
+};
+
+int atomic_number(const std::string &symbol);    // 0 for an unknown symbol
+
+// "auto" (CUDA when visible, else the CPU), "cpu", "cuda" or "cuda:N"; a bare CUDA device is
+// the GPU of the node-local rank (ranks of a node may share one GPU). Throws ModelError.
+torch::Device choose_device(const std::string &spec, int local_rank);
+
+class JanusModel {
+ public:
+  static std::string read_file(const std::string &path);    // the file's bytes; throws ModelError
+  // load from the file's bytes (read once by one rank and broadcast); checks format,
+  // version, metadata and the weights' SHA-256; `name` is the path for messages
+  void load(const std::string &bytes, const std::string &name, const torch::Device &device);
+
+  Evaluation evaluate(const torch::Tensor &species, const torch::Tensor &edge_index,
+                      const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
+
+  bool loaded() const { return loaded_; }
+  double cutoff() const { return cutoff_; }
+  int features() const { return features_; }
+  int num_interactions() const { return num_interactions_; }
+  torch::Dtype dtype() const { return dtype_; }
+  const torch::Device &device() const { return device_; }
+  const std::vector<int> &elements() const { return elements_; }
+
+ private:
+  torch::Tensor exchange(const torch::Tensor &rows, HaloExchange &halo, bool reverse);
+
+  torch::jit::Module module_;
+  bool loaded_ = false;
+  double cutoff_ = 0.0;
+  int num_interactions_ = 0;
+  int features_ = 0;
+  torch::Dtype dtype_ = torch::kFloat32;
+  torch::Device device_ = torch::kCPU;
+  std::vector<int> elements_;
+};
+
+}    // namespace janus
+
+#endif
