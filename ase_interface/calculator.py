@@ -19,6 +19,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from janus_potential.devices import on_device, rank_device, resolve_device
 from janus_potential.parallel.mesh import local_rank
+from janus_potential.precision import apply_precision
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import MIN_DISTANCE, check_overlaps, check_structure, neighbor_pairs
 from janus_potential.io import load_for_inference
@@ -33,18 +34,25 @@ class JanusCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model: Any, skin: float = 1.0, parallel: bool = False, device: str = "auto",
-                 **kwargs: Any) -> None:
+                 precision: str = "float32", **kwargs: Any) -> None:
         """`model`: exported file, model or training checkpoint, or a JanusPotential. `skin`: neighbour-list skin
         (A). `parallel=True`: under mpirun, split the structure over all ranks with the
         domain (halo) backend of the trainer (`ParallelJanusCalculator`: each rank builds and
         evaluates only its own slab); every rank gets the full results. `device`: "auto"
         (CUDA when visible), "cpu", "cuda" or "cuda:N" (`janus_potential.devices`); the
         neighbour list is built on the CPU and moved once per evaluation. With
-        `parallel=True` each rank takes the GPU of its node-local rank."""
+        `parallel=True` each rank takes the GPU of its node-local rank. `precision`: "float32"
+        (the model's dtype), "tf32" or "bf16" (`janus_potential.precision`)."""
         super().__init__(**kwargs)
         self.device = resolve_device(device) if not parallel else rank_device(device, local_rank())
         loaded = load_for_inference(model)
         loaded.module = on_device(loaded.module, self.device)
+        if precision != "float32":
+            if loaded.module is model:  # never change the caller's model behind its back
+                import copy
+
+                loaded.module = copy.deepcopy(loaded.module)
+            apply_precision(loaded.module, precision)
         self.module, self.cutoff, self.supported_elements, self.dtype = (loaded.module, loaded.cutoff,
                                                                          loaded.elements, loaded.dtype)
         self.skin = float(skin)

@@ -31,6 +31,7 @@ from .errors import JanusInputError
 from .integrity import save_payload
 from .io import MODEL_CHECKPOINT_FORMAT, MODEL_CHECKPOINT_VERSION
 from .nn.geometry import Geometry, GeometryBuilder
+from .nn.autocast import autocast_readout
 from .nn.interaction import InteractionLayer
 
 
@@ -180,6 +181,7 @@ class JanusPotential(nn.Module):
             ]
         )
         self.readout_mlp = self._readout_mlp(config)
+        self.low_precision = False  # bf16 autocast of the readout MLP (janus_potential.precision)
         self.register_buffer("reference_energies", torch.zeros(n_species))
         self.register_buffer("energy_scale", torch.ones(()))
         # heads 1.. of a multi-head model (head 0 is the readout above); `select_head` makes a
@@ -266,8 +268,11 @@ class JanusPotential(nn.Module):
     def readout(self, h: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """Energies of the first `h.shape[0]` atoms (the owned ones: every edge is centred on
         an owned atom): learned + per-element reference + the ZBL prior of their edges."""
-        learned = self.readout_mlp(h).squeeze(-1) * self.energy_scale + self.reference_energies.index_select(0, species)
+        out = self.readout_mlp(h) if not self.low_precision else self.readout_low_precision(h)
+        learned = out.squeeze(-1) * self.energy_scale + self.reference_energies.index_select(0, species)
         return self._with_repulsion(learned, species, geometry)
+
+    readout_low_precision = autocast_readout  # eager-only bf16 path (nn/autocast.py)
 
     def _with_repulsion(self, learned: torch.Tensor, species: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         repulsion = torch.zeros(learned.shape[0], dtype=geometry.repulsion.dtype, device=learned.device)

@@ -17,6 +17,7 @@ from ase import Atoms
 import janus_potential.graph
 from janus_potential.ase import JanusCalculator
 
+from .devices import DEVICES
 from .model_suite import assert_results_match, calculator_results, make_model, triclinic
 
 SKIN = 1.0
@@ -122,3 +123,41 @@ def test_device_option(model):
     if not torch.cuda.is_available():
         with pytest.raises(JanusInputError, match="no CUDA GPU is visible"):
             JanusCalculator(model, device="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_precision_options(device, tmp_path):
+    """`precision`: float32 is the plain model; tf32 changes nothing on the CPU (TF32 is a
+    CUDA matmul mode) and stays within TF32 round-off on a GPU; bf16 autocast of the MLPs
+    stays within bf16 round-off of float32 (relative 1e-2 of the largest force, 2e-3 of the
+    energy) but is not float32; the caller's model is left as it was; bf16 refuses an
+    exported file; a float64 training run refuses tf32/bf16."""
+    import torch
+
+    from janus_potential.errors import JanusInputError
+    from janus_potential.export import export_model
+    from janus_potential.training.config import TrainConfig
+
+    model = make_model("tiny", dtype=torch.float32)
+    atoms = triclinic()
+    reference = calculator_results(JanusCalculator(model, device="cpu"), atoms)
+    scale = np.abs(reference["forces"]).max()
+    for precision in ("float32", "tf32", "bf16"):
+        results = calculator_results(JanusCalculator(model, device=device, precision=precision), atoms)
+        force_error = np.abs(results["forces"] - reference["forces"]).max() / scale
+        energy_error = abs(results["energy"] - reference["energy"]) / abs(reference["energy"])
+        if precision == "bf16":
+            assert 0 < force_error < 1e-2 and energy_error < 2e-3, (force_error, energy_error)
+        elif device == "cpu":
+            assert force_error == 0 and energy_error == 0
+        else:
+            assert force_error < 1e-2 and energy_error < 2e-3
+        assert not any(getattr(m, "low_precision", False) for m in model.modules())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    export_model(model, tmp_path / "model.pt")
+    with pytest.raises(JanusInputError, match="needs an eager model"):
+        JanusCalculator(str(tmp_path / "model.pt"), precision="bf16")
+    with pytest.raises(JanusInputError, match="precision must be one of"):
+        JanusCalculator(model, precision="fp8")
+    with pytest.raises(JanusInputError, match="run.precision=bf16 needs run.dtype float32"):
+        TrainConfig.load(None, ["run.precision=bf16", "run.dtype=float64"])

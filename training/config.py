@@ -225,6 +225,9 @@ class RunConfig:
     # "auto" (CUDA when visible; the CPU for expert or domain parallel runs, whose exchanges
     # are CPU tensors), "cpu", "cuda" or "cuda:N" (janus_potential.devices)
     device: str = "auto"
+    # "float32", "tf32" (CUDA matmuls on TF32 tensor cores) or "bf16" (bf16 autocast of the
+    # expert and readout MLPs); janus_potential.precision. tf32/bf16 need dtype float32
+    precision: str = "float32"
     log_every: int = 10
     checkpoint_every: int = 100
     max_minutes: float = 0.0  # 0: no time limit
@@ -261,7 +264,8 @@ RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
      ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
 )
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "loss.kind": ("huber", "mse"),
+    "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "run.precision": ("float32", "tf32", "bf16"),
+    "loss.kind": ("huber", "mse"),
     "loss.energy_per": ("atom", "structure"), "loss.forces_normalization": ("none", "frame"),
     "loss.file_balance": ("none", "frames", "atoms"),
     "parallel.shard": ("none", "optimizer", "full"),
@@ -315,6 +319,9 @@ class TrainConfig:
             raise JanusInputError(f"data.validation names output heads {unknown} that no data.train entry trains")
         if self.model.lora_rank and self.model.freeze:
             raise JanusInputError("model.lora_rank freezes every original weight already; leave model.freeze empty")
+        if self.run.precision != "float32" and self.run.dtype != "float32":
+            raise JanusInputError(f"config key run.precision={self.run.precision} needs run.dtype float32 "
+                                  f"(got {self.run.dtype})")
         if not (self.optim.max_steps or self.optim.epochs):
             raise JanusInputError("config keys optim.max_steps and optim.epochs are both 0: set one of them")
         try:

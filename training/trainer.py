@@ -55,6 +55,7 @@ from janus_potential.nn.moe import balance_loss
 from janus_potential.parallel.domain import DomainModel
 from janus_potential.parallel.expert import expert_shards, full_state_dict, shard_experts
 from janus_potential.parallel.mesh import ProcessMesh, local_rank
+from janus_potential.precision import apply_precision
 
 from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig, data_heads, split_head
@@ -93,7 +94,7 @@ class Trainer:
         self.checkpoint_path = self.output / "checkpoint.pt"
         self.dtype = DTYPES[run.dtype]
 
-        self.model = self._build_model()
+        self.model = apply_precision(self._build_model(), run.precision)
         self.shards = ParameterShards(self.model, self.mesh, parallel.shard)
         self._load_data()
         self.optimizer = self._build_optimizer()

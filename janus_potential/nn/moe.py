@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .autocast import autocast_expert, autocast_shared
+
 
 class MixtureOfExperts(nn.Module):
     def __init__(
@@ -36,6 +38,8 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.experts_per_atom = experts_per_atom
+        # bf16 autocast of the expert and shared MLPs (janus_potential.precision; eager only)
+        self.low_precision = False
         self.router_uses_features = router_uses_features
         self.router = nn.Linear(features, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
@@ -60,10 +64,14 @@ class MixtureOfExperts(nn.Module):
         gates = torch.softmax(top_logits, dim=-1)
         return top_index, gates, torch.softmax(logits, dim=-1)
 
+    # eager-only bf16 paths (janus_potential.precision), defined in nn/autocast.py
+    expert_low_precision = autocast_expert
+    shared_low_precision = autocast_shared
+
     def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(update [N, F], router probability sum [E], expert load [E])."""
         expert_index, gates, probabilities = self.route(x, element_embedding)
-        out = self.shared(x)
+        out = self.shared(x) if not self.low_precision else self.shared_low_precision(x)
         flat_expert = expert_index.reshape(-1)
         order = torch.argsort(flat_expert)
         atom_of_slot = torch.div(order, self.experts_per_atom, rounding_mode="floor")
@@ -77,8 +85,11 @@ class MixtureOfExperts(nn.Module):
         # gradient the size of ALL experts' weights (SelectBackward), O(E^2) memory traffic
         w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
         for e, block in enumerate(torch.tensor_split(routed, boundaries)):
-            hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
-            pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
+            if self.low_precision:
+                pieces.append(self.expert_low_precision(block, w_in[e], b_in[e], w_out[e], b_out[e]))
+            else:
+                hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
+                pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
         out = out.index_add(0, atom_of_slot, expert_out)
         return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)

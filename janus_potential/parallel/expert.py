@@ -63,6 +63,7 @@ class ExpertParallelMoE(nn.Module):
         self.first_expert = self.group_rank * self.local_experts
         self.experts_per_atom = moe.experts_per_atom
         self.router_uses_features = moe.router_uses_features
+        self.low_precision = moe.low_precision
         self.router = moe.router
         self.shared = moe.shared
         shard = slice(self.first_expert, self.first_expert + self.local_experts)
@@ -72,12 +73,14 @@ class ExpertParallelMoE(nn.Module):
             setattr(self, name, weight)
 
     route = MixtureOfExperts.route
+    expert_low_precision = MixtureOfExperts.expert_low_precision
+    shared_low_precision = MixtureOfExperts.shared_low_precision
 
     def forward(self, x: torch.Tensor, element_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(update, router probability sum [E], expert load [E]) of this rank's rows, as
         `MixtureOfExperts.forward` returns them."""
         expert_index, gates, probabilities = self.route(x, element_embedding)
-        out = self.shared(x)
+        out = self.shared(x) if not self.low_precision else self.shared_low_precision(x)
         flat_expert = expert_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         atom_of_slot = torch.div(order, self.experts_per_atom, rounding_mode="floor")
@@ -103,8 +106,11 @@ class ExpertParallelMoE(nn.Module):
         w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
         pieces = []
         for e, block in enumerate(torch.split(grouped, counts_from.sum(0).tolist())):
-            hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
-            pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
+            if self.low_precision:
+                pieces.append(self.expert_low_precision(block, w_in[e], b_in[e], w_out[e], b_out[e]))
+            else:
+                hidden = F.silu(torch.addmm(b_in[e], block, w_in[e]))
+                pieces.append(torch.addmm(b_out[e], hidden, w_out[e]))
         computed = torch.cat(pieces, dim=0).index_select(0, torch.argsort(by_expert))
         returned = AllToAll.apply(computed, recv_counts, send_counts, self.group)
         out = out.index_add(0, atom_of_slot, returned * gate_of_slot)
