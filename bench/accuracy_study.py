@@ -65,6 +65,25 @@ RECIPES: dict[str, list[str]] = {
     "all+no-zbl": ["loss.forces_normalization=frame", "loss.file_balance=frames", "loss.energy_weight=10",
                    "model.overrides={repulsion: false}"],
 }
+# one change each against "baseline" (screening, 10 minutes)
+for _name, _change in {
+    "energy-x3": ["loss.energy_weight=3"],
+    "frame-norm-0.5": ["loss.forces_normalization=frame", "loss.forces_scale_floor=0.5"],
+    "batch64": ["data.max_atoms_per_batch=64"],
+    "lr3e-3": ["optim.lr=0.003"],
+    "lr3e-4": ["optim.lr=0.0003"],
+    "no-zbl": ["model.overrides={zbl: false}"],
+    "ema0.999": ["optim.ema_decay=0.999"],
+    "mse": ["loss.kind=mse"],
+    "stress1": ["loss.stress_weight=1"],
+    "3body3.5": ["model.overrides={three_body_cutoff: 3.5}"],
+    "cutoff6": ["model.overrides={cutoff: 6.0}"],
+    "experts16-top2": ["model.overrides={num_experts: 16, experts_per_atom: 2}"],
+    "wide96": ["model.overrides={features: 96}"],
+    "deep4": ["model.overrides={num_interactions: 4}"],
+    "energy-structure": ["loss.energy_per=structure"],
+}.items():
+    RECIPES[_name] = RECIPES["baseline"] + _change
 FILES = ["mptrj-random-1k", "alexandria-random-1k", "mptrj-highest-stress-1k", "mpf-TP", "mpf-alkali-TP",
          "random-TP"]
 
