@@ -82,6 +82,9 @@ for _name, _change in {
     "wide96": ["model.overrides={features: 96}"],
     "deep4": ["model.overrides={num_interactions: 4}"],
     "energy-structure": ["loss.energy_per=structure"],
+    "wd1e-2": ["optim.weight_decay=0.01"],
+    "wd1e-3": ["optim.weight_decay=0.001"],
+    "energy-delta1": ["loss.energy_huber_delta=1.0"],
 }.items():
     RECIPES[_name] = RECIPES["baseline"] + _change
 FILES = ["mptrj-random-1k", "alexandria-random-1k", "mptrj-highest-stress-1k", "mpf-TP", "mpf-alkali-TP",
