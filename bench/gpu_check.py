@@ -12,7 +12,9 @@ leaves what it measured. Stages, in order of what the summary needs first:
 - `ase`: ASE MD (VelocityVerlet, 1 fs, neighbour list reused within the skin) of `small`
   and `base` (random weights, exported float32 TorchScript through `JanusCalculator`) on
   diamond Si of 1k / 10k / 64k atoms and a dense (Mg,Al)O oxide of 64k: microseconds per
-  atom per MD step and peak GPU memory per atom.
+  atom per MD step and peak GPU memory per atom; and what a CPU-built graph costs (one vesin
+  neighbour list at 64k atoms, one transfer of its edges), to choose between building
+  graphs on the CPU and on the GPU.
 - `max_atoms`: the largest Si system of `small` that one force evaluation fits (doubling).
 - `lammps`: `pair_style janus device cuda` MD of the same 64k Si on 1 rank and on 2 ranks
   sharing the GPU: microseconds per atom-step and the thermo of both (must agree).
@@ -143,7 +145,28 @@ def stage_ase(args) -> dict:
             rows.append(md_case(preset, "Si", n, args.device, 10 if n >= 10000 else 20))
             write_partial(args, "ase", rows)
     rows.append(md_case("small", "oxide", sizes[-1], args.device, 10))
-    return {"rows": rows}
+    return {"rows": rows, "graph_on_cpu": graph_cost(sizes[-1], args.device)}
+
+
+def graph_cost(n_atoms: int, device: str) -> dict:
+    """What building graphs on the CPU costs next to a model step: one vesin neighbour list
+    (cutoff + skin) of Si and one transfer of its edges to the device."""
+    import torch
+
+    from janus_potential.graph import neighbor_pairs
+
+    atoms = build_structure("Si", n_atoms)
+    start = time.perf_counter()
+    i, j, shifts, _ = neighbor_pairs(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
+    build = time.perf_counter() - start
+    edges = torch.as_tensor(np.stack([i, j]))
+    vectors = torch.as_tensor(shifts.astype(np.float64))
+    synchronize(device)
+    start = time.perf_counter()
+    edges.to(device), vectors.to(device)
+    synchronize(device)
+    return {"atoms": len(atoms), "edges": int(len(i)), "neighbour_list_s": build,
+            "transfer_s": time.perf_counter() - start}
 
 
 def stage_max_atoms(args) -> dict:
