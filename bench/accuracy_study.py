@@ -107,7 +107,9 @@ def finished(directory: Path) -> bool:
 
 
 def run_recipes(names: list[str], minutes: float, output: Path, parallel: int, force: bool, extra: list[str]) -> None:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    # the project's run environment (Makefile): passive OpenMP threads, no malloc trimming
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="33554432",
+               MALLOC_TRIM_THRESHOLD_="10000000000")
     queue = [n for n in names if force or not finished(run_directory(output, n, minutes))]
     running: list[tuple[str, subprocess.Popen, float]] = []
     output.mkdir(parents=True, exist_ok=True)
