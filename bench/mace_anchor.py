@@ -79,7 +79,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "mace-anchor")
     args = parser.parse_args()
-    train, valid = split_frames(args.output)
+    train, valid = args.output / "train.xyz", args.output / "valid.xyz"
+    if not (train.exists() and valid.exists()):
+        train, valid = split_frames(args.output)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
     bin_dir = args.mace_venv.resolve() / "bin"
     name = "mace-anchor"
@@ -91,14 +93,17 @@ def main() -> None:
         "--ema", "--ema_decay=0.99", "--amsgrad", "--error_table=PerAtomMAE", "--num_workers=0", "--seed=0",
         "--eval_interval=1", "--restart_latest",
     ]
-    start = time.time()
-    with open(args.output / "train.log", "a") as log:
-        subprocess.run(command, cwd=args.output, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    minutes = (time.time() - start) / 60
     model = args.output / f"{name}.model"
+    timing = args.output / "train_minutes.json"
+    if not (model.exists() and timing.exists()):
+        start = time.time()
+        with open(args.output / "train.log", "a") as log:
+            subprocess.run(command, cwd=args.output, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        timing.write_text(json.dumps((time.time() - start) / 60))
+    minutes = json.loads(timing.read_text())
     predicted = args.output / "valid-predicted.xyz"
     subprocess.run([str(bin_dir / "mace_eval_configs"), f"--configs={valid}", f"--model={model}",
-                    f"--output={predicted}", "--device=cpu", "--batch_size=8"], cwd=args.output, env=env, check=True)
+                    f"--output={predicted}", "--device=cpu", "--batch_size=8", "--default_dtype=float32"], cwd=args.output, env=env, check=True)
     errors = per_file_errors(valid, predicted)
     result = {"mace_torch": "0.3.16", "epochs": args.epochs, "train_minutes_wall": minutes,
               "threads": 1, "model": "MACE 32x0e+32x1o, max_L=1, 2 interactions, r_max 5, float32, EMA 0.99",
