@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build pair_style janus (LAMMPS plugin) into build/lammps_plugin and copy it to
-# janus_potential/lib/janusplugin.so.  Usage: bash lammps_plugin/build.sh PYTHON
+# Build pair_style janus (LAMMPS plugin) and the fused edge operators (janusops.so, torch
+# only) into build/lammps_plugin and copy them to janus_potential/lib/.  Usage: bash lammps_plugin/build.sh PYTHON
 # Incremental: reconfigures only when the cache is missing or PYTHON changed.
 set -euo pipefail
 PYTHON=${1:?usage: build.sh PYTHON}
@@ -35,8 +35,10 @@ PY
 fi
 cmake --build "$BUILD" -j2
 mkdir -p "$ROOT/janus_potential/lib"
-if ! cmp -s "$BUILD/janusplugin.so" "$ROOT/janus_potential/lib/janusplugin.so"; then
-  cp "$BUILD/janusplugin.so" "$ROOT/janus_potential/lib/janusplugin.so.tmp"
-  mv "$ROOT/janus_potential/lib/janusplugin.so.tmp" "$ROOT/janus_potential/lib/janusplugin.so"
-fi
-echo "janusplugin.so -> $ROOT/janus_potential/lib/janusplugin.so"
+for library in janusplugin janusops; do
+  if ! cmp -s "$BUILD/$library.so" "$ROOT/janus_potential/lib/$library.so"; then
+    cp "$BUILD/$library.so" "$ROOT/janus_potential/lib/$library.so.tmp"
+    mv "$ROOT/janus_potential/lib/$library.so.tmp" "$ROOT/janus_potential/lib/$library.so"
+  fi
+  echo "$library.so -> $ROOT/janus_potential/lib/$library.so"
+done
