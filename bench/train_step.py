@@ -5,7 +5,9 @@ the energy with create_graph=True: forces and virial), and the backward pass (pa
 gradient of the loss, a second-order derivative), the matmul FLOPs of one step counted by
 the torch profiler (with_flops: mm/addmm/bmm; FlopCounterMode cannot follow autograd.grad
 on leaf tensors), and the achieved FLOP rate against this
-machine's fp32 matrix-multiply rate measured in the same run.
+machine's fp32 matrix-multiply rate measured in the same run. Each preset runs twice when
+the fused operators are built (janus_potential.ops): the message through torch operations
+(`fused False`) and through `janus::edge_scatter` (`fused True`), side by side.
 
     python bench/train_step.py [--quick] [--presets tiny small base]
 Writes bench/results/train_step.json.
@@ -71,9 +73,13 @@ def one_step(model, graph, timings: dict | None = None):
         timings["backward"].append(t3 - t2)
 
 
-def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float) -> dict:
+def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float, fused: bool = False) -> dict:
+    """One preset's training step; `fused`: the message through janus_potential.ops (the
+    fused gather-multiply-scatter) instead of torch operations."""
     torch.manual_seed(0)
     model = JanusPotential.from_preset(preset)
+    for layer in model.layers:
+        layer.fused = fused
     graph = training_batch(n_structures, model.cutoff)
     one_step(model, graph)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
@@ -86,7 +92,7 @@ def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float) -
     step_time = sum(medians.values())
     atoms = int(graph.num_atoms.sum())
     return {
-        "preset": preset, "atoms_per_batch": atoms, "edges_per_batch": int(graph.edge_index.shape[1]),
+        "preset": preset, "fused": fused, "atoms_per_batch": atoms, "edges_per_batch": int(graph.edge_index.shape[1]),
         "steps_per_s": 1 / step_time, "atoms_per_s": atoms / step_time,
         **{f"{k}_s": v for k, v in medians.items()},
         "matmul_gflop_per_step": flops / 1e9, "achieved_gflop_s": flops / step_time / 1e9,
@@ -104,12 +110,15 @@ def main() -> None:
     steps = 3 if args.quick else args.steps
     peak = matmul_rate(seconds=1.0 if args.quick else 3.0)
     print(f"fp32 matmul rate (1024x1024, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    rows = [bench_preset(p, args.structures, steps, peak) for p in args.presets]
-    header = (f"{'preset':>6} {'atoms':>6} {'steps/s':>8} {'atoms/s':>8} {'fwd s':>7} {'force s':>8} {'bwd s':>7} "
+    from janus_potential import ops
+
+    variants = [False, True] if ops.available() else [False]
+    rows = [bench_preset(p, args.structures, steps, peak, fused) for p in args.presets for fused in variants]
+    header = (f"{'preset':>6} {'fused':>5} {'atoms':>6} {'steps/s':>8} {'atoms/s':>8} {'fwd s':>7} {'force s':>8} {'bwd s':>7} "
               f"{'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8}")
     print(header)
     for r in rows:
-        print(f"{r['preset']:>6} {r['atoms_per_batch']:>6} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} "
+        print(f"{r['preset']:>6} {str(r['fused']):>5} {r['atoms_per_batch']:>6} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} "
               f"{r['forward_s']:7.3f} {r['force_pass_s']:8.3f} {r['backward_s']:7.3f} "
               f"{r['matmul_gflop_per_step']:7.2f} {r['achieved_gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:7.1f}%")
     RESULTS.mkdir(exist_ok=True)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from . import ops
 from .elements import number_to_symbol
 from .errors import JanusInputError
 from .integrity import scripted_digest
@@ -97,6 +98,7 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
 def load_exported(path: str | os.PathLike) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """Load an exported TorchScript file and its metadata."""
     metadata = read_metadata(path)
+    ops.available()  # a file scripted with the fused operators needs them registered
     try:
         module = torch.jit.load(os.fspath(path), map_location="cpu")
     except Exception as exc:

@@ -7,18 +7,30 @@ by `lammps_plugin/build.sh`): issue 11's gather-multiply-scatter without [E, F] 
 Both are registered with torch.library (`torch.ops.janus.*`) with their autograd in C++, each
 one's backward made of the two operators again, so they are differentiable to any order in
 eager Python, TorchScript and libtorch alike (tests/test_ops.py: gradcheck, gradgradcheck and
-the composite torch expression they replace). CPU kernels only so far; the interaction layer
-does not call them yet (docs/model.md, "Fused edge operators").
+the composite torch expression they replace). CPU kernels only so far: on other devices the
+interaction layer computes the same message with torch operations (docs/model.md, "Fused
+edge operators").
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 LIBRARY = Path(__file__).resolve().parent / "lib" / "janusops.so"
 _loaded = False
+
+
+def available() -> bool:
+    """Whether the operator library is built (and then loaded): the interaction layer uses the
+    fused operators on the CPU when it is (`nn.interaction.InteractionLayer.fused`), unless
+    JANUS_FUSED_OPS=0 (for comparisons: bench/train_step.py runs both)."""
+    if not LIBRARY.is_file() or os.environ.get("JANUS_FUSED_OPS", "1") == "0":
+        return False
+    load()
+    return True
 
 
 def load() -> None:

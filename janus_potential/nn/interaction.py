@@ -14,6 +14,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from .. import ops
+
 from .geometry import Geometry
 from .moe import MixtureOfExperts
 
@@ -24,6 +26,8 @@ def _expansion(groups: int, width: int) -> torch.Tensor:
 
 
 class InteractionLayer(nn.Module):
+    __constants__ = ["fused"]
+
     def __init__(
         self,
         features: int,
@@ -45,6 +49,10 @@ class InteractionLayer(nn.Module):
         self.features = features
         self.num_heads = num_heads
         self.filter_groups = filter_groups
+        # the fused gather-multiply-scatter (janus_potential.ops) for the message on the CPU, when
+        # its library is built; a TorchScript constant, so a model scripted without the library
+        # never references the operator
+        self.fused = ops.available()
         # One-hot maps head -> its groups and group -> its channels: broadcasting by a matmul
         # keeps every edge-wise product between same-shaped contiguous tensors (the backward
         # of a broadcast multiply reduces over strided views and was the slowest op).
@@ -91,7 +99,7 @@ class InteractionLayer(nn.Module):
 
         edge_input = torch.cat([geometry.radial, bond], dim=1)
         query_key = self.query_key(h)
-        value = self.value(h).index_select(0, neighbour)
+        value = self.value(h)
 
         # Attention over neighbours, normalised per head at the centre atom. The weights
         # carry the cutoff envelope and the "1 +" in the denominator, so a neighbour
@@ -106,8 +114,12 @@ class InteractionLayer(nn.Module):
         norm = torch.ones(n_nodes, heads, dtype=h.dtype, device=h.device).index_add(0, centre, weights)
         attention = weights / norm.index_select(0, centre)
         edge_weight = self.edge_filter(edge_input) * (attention @ self.head_to_group)
-        edge_message = value * (edge_weight @ self.group_to_channel)
-        message = torch.zeros_like(h).index_add(0, centre, edge_message)
+        if self.fused and h.device.type == "cpu":
+            # message[c] = sum over edges c->j of value[j] * weight expanded to channels, no [E, F] tensor
+            message = torch.ops.janus.edge_scatter(value, edge_weight, neighbour, centre, n_nodes)
+        else:
+            edge_message = value.index_select(0, neighbour) * (edge_weight @ self.group_to_channel)
+            message = torch.zeros_like(h).index_add(0, centre, edge_message)
 
         h = h + self.message_out(message)
         if 0 <= num_owned < h.shape[0]:
