@@ -98,7 +98,8 @@ def documented_presets() -> dict[str, dict[str, str]]:
     """The preset table of docs/model.md, one dict of column -> cell per preset name."""
     lines = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text().splitlines()
     start = lines.index("## Presets")
-    rows = [line for line in lines[start:] if line.startswith("|")]
+    end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    rows = [line for line in lines[start:end] if line.startswith("|")]  # the section's own table
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     table = {}
     for row in rows[2:]:
