@@ -198,8 +198,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": f"{os.cpu_count()} cores, one thread per run", "minutes": args.minutes,
            "config": str(CONFIG.relative_to(ROOT)), "runs": results}
-    (RESULTS / f"{args.results}.json").write_text(json.dumps(out, indent=1))
     plot(results, RESULTS / f"{args.results}.png")
+    for run in results.values():  # the JSON keeps the curves' MAEs only (the full records are in metrics.jsonl)
+        run["curve"] = [{"step": r["step"], "minutes": round(r["minutes"], 3),
+                         "mae": {group: {q: round(v["mae"], 6) for q, v in errors.items() if isinstance(v, dict)}
+                                 for group, errors in r["errors"].items()}} for r in run["curve"]]
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(out, indent=1))
     print(table(results))
     print(f"wrote {RESULTS / (args.results + '.json')} and {RESULTS / (args.results + '.png')}")
 
