@@ -259,25 +259,6 @@ run {steps}
     return out
 
 
-def training_step(model, graph, device):
-    import torch
-
-    from janus_potential.model import atom_energies, forces_from_edge_gradient, virial_from_edge_gradient
-    from janus_potential.nn.moe import balance_loss
-
-    edge_vectors = graph.edge_vectors().requires_grad_(True)
-    atom_energy, routing = atom_energies(model, graph.species, graph.edge_index, edge_vectors)
-    energy = torch.zeros(graph.num_graphs, dtype=torch.float64, device=device).index_add(
-        0, graph.batch, atom_energy.double())
-    (edge_gradient,) = torch.autograd.grad(atom_energy.sum(), edge_vectors, create_graph=True)
-    forces = forces_from_edge_gradient(edge_gradient, graph.edge_index, graph.species.shape[0])
-    virial = virial_from_edge_gradient(edge_gradient, edge_vectors, graph.batch[graph.edge_index[0]], graph.num_graphs)
-    loss = (energy.float() ** 2).mean() + (forces**2).mean() + (virial**2).mean() + 0.01 * balance_loss(
-        routing.probability_sum, routing.expert_load, graph.species.shape[0])
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-
-
 def train_case(preset: str, device: str, precision: str, structures: int, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -286,7 +267,10 @@ def train_case(preset: str, device: str, precision: str, structures: int, steps:
     from janus_potential.precision import apply_precision
 
     sys.path.insert(0, str(HERE))
-    from train_step import training_batch
+    from train_step import one_step, training_batch
+
+    def training_step(model, graph, device):
+        one_step(model, graph)
 
     torch.manual_seed(0)
     model = apply_precision(JanusPotential.from_preset(preset).to(device), precision)

@@ -52,11 +52,12 @@ def training_batch(n_structures: int, cutoff: float):
 
 
 def one_step(model, graph, timings: dict | None = None):
-    """One training step with its three phases timed separately."""
+    """One training step with its three phases timed separately (on the graph's device;
+    bench/gpu_check.py times it on a GPU)."""
     t0 = time.perf_counter()
     edge_vectors = graph.edge_vectors().requires_grad_(True)
     atom_energy, routing = atom_energies(model, graph.species, graph.edge_index, edge_vectors)
-    energy = torch.zeros(graph.num_graphs, dtype=torch.float64).index_add(0, graph.batch, atom_energy.double())
+    energy = torch.zeros(graph.num_graphs, dtype=torch.float64, device=edge_vectors.device).index_add(0, graph.batch, atom_energy.double())
     t1 = time.perf_counter()
     (edge_gradient,) = torch.autograd.grad(atom_energy.sum(), edge_vectors, create_graph=True)
     forces = forces_from_edge_gradient(edge_gradient, graph.edge_index, graph.species.shape[0])
