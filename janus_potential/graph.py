@@ -39,7 +39,7 @@ class AtomGraph:
 
     @property
     def num_graphs(self) -> int:
-        return int(self.cell.shape[0])
+        return self.cell.shape[0]  # an int (a symbol while tracing: no int() here)
 
     def edge_vectors(self, positions: torch.Tensor | None = None, cell: torch.Tensor | None = None) -> torch.Tensor:
         """r_ij = x_j - x_i + shift . cell, differentiable in positions and cell."""

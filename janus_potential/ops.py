@@ -43,7 +43,22 @@ def load() -> None:
         raise FileNotFoundError(f"{LIBRARY} is missing: build it with `bash lammps_plugin/build.sh .venv/bin/python` "
                                 "(make install does)")
     torch.ops.load_library(str(LIBRARY))
+    _register_fake_kernels()
     _loaded = True
+
+
+def _register_fake_kernels() -> None:
+    """Shape functions of the operators, so that symbolic tracing (`make_fx`, the compiled
+    training step of training/compiled.py) and torch.compile can run them on fake tensors.
+    The number of output rows of edge_scatter is a SymInt in the schema: it stays a symbol."""
+
+    @torch.library.register_fake("janus::edge_scatter")
+    def _edge_scatter_shape(value, weight, gather, scatter, n_out):
+        return value.new_empty(n_out, value.shape[1])
+
+    @torch.library.register_fake("janus::edge_dot")
+    def _edge_dot_shape(a, b, index_a, index_b, groups):
+        return a.new_empty(index_a.shape[0], groups)
 
 
 def edge_scatter(value: torch.Tensor, weight: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,

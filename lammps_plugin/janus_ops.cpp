@@ -115,11 +115,15 @@ Tensor edge_dot_cpu(const Tensor &a_in, const Tensor &b_in, const Tensor &index_
 }
 
 // --------------------------------------------------------------------------- dispatcher calls
+// n_out is a SymInt in the schema: under symbolic tracing (make_fx, the compiled training step
+// of training/compiled.py) the row count stays a symbol instead of being specialised
+using EdgeScatterSignature = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, c10::SymInt);
+
 Tensor call_edge_scatter(const Tensor &value, const Tensor &weight, const Tensor &gather, const Tensor &scatter,
-                         int64_t n_out)
+                         c10::SymInt n_out)
 {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("janus::edge_scatter", "").typed<decltype(edge_scatter_cpu)>();
-  return op.call(value, weight, gather, scatter, n_out);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("janus::edge_scatter", "").typed<EdgeScatterSignature>();
+  return op.call(value, weight, gather, scatter, std::move(n_out));
 }
 
 Tensor call_edge_dot(const Tensor &a, const Tensor &b, const Tensor &index_a, const Tensor &index_b, int64_t groups)
@@ -132,7 +136,7 @@ Tensor call_edge_dot(const Tensor &a, const Tensor &b, const Tensor &index_a, co
 class EdgeScatter : public torch::autograd::Function<EdgeScatter> {
  public:
   static Tensor forward(AutogradContext *ctx, const Tensor &value, const Tensor &weight, const Tensor &gather,
-                        const Tensor &scatter, int64_t n_out)
+                        const Tensor &scatter, c10::SymInt n_out)
   {
     ctx->save_for_backward({value, weight, gather, scatter});
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -145,8 +149,8 @@ class EdgeScatter : public torch::autograd::Function<EdgeScatter> {
     const Tensor &value = saved[0], &weight = saved[1], &gather = saved[2], &scatter = saved[3];
     const Tensor &grad = grads[0];
     Tensor grad_value, grad_weight;
-    if (ctx->needs_input_grad(0)) grad_value = call_edge_scatter(grad, weight, scatter, gather, value.size(0));
-    if (ctx->needs_input_grad(1)) grad_weight = call_edge_dot(grad, value, scatter, gather, weight.size(1));
+    if (ctx->needs_input_grad(0)) grad_value = call_edge_scatter(grad, weight, scatter, gather, value.sym_size(0));
+    if (ctx->needs_input_grad(1)) grad_weight = call_edge_dot(grad, value, scatter, gather, weight.sym_size(1).guard_int(__FILE__, __LINE__));
     return {grad_value, grad_weight, Tensor(), Tensor(), Tensor()};
   }
 };
@@ -167,14 +171,14 @@ class EdgeDot : public torch::autograd::Function<EdgeDot> {
     const Tensor &a = saved[0], &b = saved[1], &index_a = saved[2], &index_b = saved[3];
     const Tensor &grad = grads[0];
     Tensor grad_a, grad_b;
-    if (ctx->needs_input_grad(0)) grad_a = call_edge_scatter(b, grad, index_b, index_a, a.size(0));
-    if (ctx->needs_input_grad(1)) grad_b = call_edge_scatter(a, grad, index_a, index_b, b.size(0));
+    if (ctx->needs_input_grad(0)) grad_a = call_edge_scatter(b, grad, index_b, index_a, a.sym_size(0));
+    if (ctx->needs_input_grad(1)) grad_b = call_edge_scatter(a, grad, index_a, index_b, b.sym_size(0));
     return {grad_a, grad_b, Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor edge_scatter_autograd(const Tensor &value, const Tensor &weight, const Tensor &gather, const Tensor &scatter,
-                             int64_t n_out)
+                             c10::SymInt n_out)
 {
   return EdgeScatter::apply(value, weight, gather, scatter, n_out);
 }
@@ -188,7 +192,7 @@ Tensor edge_dot_autograd(const Tensor &a, const Tensor &b, const Tensor &index_a
 
 TORCH_LIBRARY(janus, m)
 {
-  m.def("edge_scatter(Tensor value, Tensor weight, Tensor gather, Tensor scatter, int n_out) -> Tensor");
+  m.def("edge_scatter(Tensor value, Tensor weight, Tensor gather, Tensor scatter, SymInt n_out) -> Tensor");
   m.def("edge_dot(Tensor a, Tensor b, Tensor index_a, Tensor index_b, int groups) -> Tensor");
 }
 

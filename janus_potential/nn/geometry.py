@@ -9,7 +9,7 @@ float tensor keeps its autograd link to the edge vectors.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -67,14 +67,27 @@ class GeometryBuilder(nn.Module):
         self.three_body_cutoff = float(three_body_cutoff)
         self.angular_order = int(angular_order)
 
-    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:
+    @torch.jit.export
+    def triplets(self, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The triplet list (first, second edge of each pair) of these edges: integer indices,
+        data-dependent in size. The compiled training step (training/compiled.py) computes
+        them here, outside its traced graph, and passes them to `forward`."""
+        distance = torch.linalg.norm(edge_vectors.detach(), dim=1)
+        short = torch.nonzero(distance < self.three_body_cutoff).reshape(-1)
+        return build_triplets(edge_index[0], short)
+
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                triplets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Geometry:
         centre = edge_index[0]
         neighbour = edge_index[1]
         distance = torch.linalg.norm(edge_vectors, dim=1)
         radial, envelope = self.radial_basis(distance)
 
-        short = torch.nonzero(distance < self.three_body_cutoff).reshape(-1)
-        first, second = build_triplets(centre, short)
+        if triplets is None:
+            short = torch.nonzero(distance < self.three_body_cutoff).reshape(-1)
+            first, second = build_triplets(centre, short)
+        else:
+            first, second = triplets
         vec_a = edge_vectors.index_select(0, first)
         vec_b = edge_vectors.index_select(0, second)
         dist_a = distance.index_select(0, first)

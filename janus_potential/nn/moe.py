@@ -7,7 +7,13 @@ the current node features. Expert weights are stored stacked ([E, ...]) so that 
 parallelism can shard them along the first axis.
 
 Atoms are grouped by expert once per call (one argsort) and each expert runs one dense
-matmul on its contiguous block. The forward returns, besides the update, what the trainer
+matmul on its contiguous block. The block sizes are data: the per-expert loop splits by them,
+which symbolic tracing cannot follow, so with `dispatch_block = B > 0` (set by the compiled
+training step, training/compiled.py) the blocks are laid out shape-stably instead: each
+expert's slots padded to a multiple of B rows, at most S // B + E blocks of B rows for S
+slots (a bound that depends on S only), one batched matmul over the blocks with each block's
+expert weights gathered. No slot is ever dropped and padding rows are discarded, so the
+result equals the loop's (tests/test_components.py). The forward returns, besides the update, what the trainer
 needs for the Switch/GShard load-balancing loss: the sum over atoms of the router
 probabilities ([E], differentiable) and the atom-slots routed to each expert ([E], the
 load). Nothing is kept on the module between calls (`balance_loss` combines them).
@@ -40,6 +46,9 @@ class MixtureOfExperts(nn.Module):
         self.experts_per_atom = experts_per_atom
         # bf16 autocast of the expert and shared MLPs (janus_potential.precision; eager only)
         self.low_precision = False
+        # 0: one matmul per expert on its block (data-dependent split); B > 0: the shape-stable
+        # blocked layout (module docstring), for symbolic tracing
+        self.dispatch_block = 0
         self.router_uses_features = router_uses_features
         self.router = nn.Linear(features, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
@@ -76,8 +85,14 @@ class MixtureOfExperts(nn.Module):
         order = torch.argsort(flat_expert)
         atom_of_slot = torch.div(order, self.experts_per_atom, rounding_mode="floor")
         gate_of_slot = gates.reshape(-1)[order].unsqueeze(-1)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        # slots per expert, [E] whatever the data (bincount's length is data-dependent)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
         routed = x.index_select(0, atom_of_slot)
+        if self.dispatch_block > 0 and not self.low_precision:
+            expert_out = self.blocked_experts(routed, flat_expert.index_select(0, order), counts) * gate_of_slot
+            out = out.index_add(0, atom_of_slot, expert_out)
+            return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
         pieces = []
         # block boundaries as a tensor (no .tolist()), so make_fx can trace the dispatch
         boundaries = torch.cumsum(counts, 0)[:-1].cpu()
@@ -93,6 +108,29 @@ class MixtureOfExperts(nn.Module):
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
         out = out.index_add(0, atom_of_slot, expert_out)
         return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
+
+
+    def blocked_experts(self, routed: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for `routed` ([S, F], slots sorted by expert, `sorted_expert`
+        [S]) through the shape-stable blocked layout (module docstring); [S, F]."""
+        block = self.dispatch_block
+        experts = self.num_experts
+        slots = routed.shape[0]
+        blocks = torch.div(counts + (block - 1), block, rounding_mode="floor")
+        block_end = torch.cumsum(blocks, 0)
+        # padded row of sorted slot s = s - (first slot of its expert) + (first padded row of its expert)
+        shift = (block_end - blocks) * block - (torch.cumsum(counts, 0) - counts)
+        row = torch.arange(slots, device=routed.device) + shift.index_select(0, sorted_expert)
+        num_blocks = slots // block + experts  # sum_e ceil(c_e / B) <= S / B + E
+        block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=routed.device), right=True)
+        block_expert = block_expert.clamp(max=experts - 1)  # the unused tail blocks: any expert, zero rows
+        padded = torch.zeros(num_blocks * block, routed.shape[1], dtype=routed.dtype, device=routed.device)
+        padded = padded.index_copy(0, row, routed).view(num_blocks, block, routed.shape[1])
+        hidden = F.silu(torch.baddbmm(self.b_in.index_select(0, block_expert).unsqueeze(1), padded,
+                                      self.w_in.index_select(0, block_expert)))
+        out = torch.baddbmm(self.b_out.index_select(0, block_expert).unsqueeze(1), hidden,
+                            self.w_out.index_select(0, block_expert))
+        return out.reshape(num_blocks * block, -1).index_select(0, row)
 
 
 def balance_loss(router_probability_sum: torch.Tensor, expert_load: torch.Tensor, num_atoms: float) -> torch.Tensor:
