@@ -228,6 +228,9 @@ class RunConfig:
     # "float32", "tf32" (CUDA matmuls on TF32 tensor cores) or "bf16" (bf16 autocast of the
     # expert and readout MLPs); janus_potential.precision. tf32/bf16 need dtype float32
     precision: str = "float32"
+    # the compiled training step (training/compiled.py): evaluation, loss and parameter gradient
+    # traced into one graph and compiled; data parallelism only (dd and ep stay eager)
+    compile: bool = False
     log_every: int = 10
     checkpoint_every: int = 100
     max_minutes: float = 0.0  # 0: no time limit
@@ -322,6 +325,12 @@ class TrainConfig:
         if self.run.precision != "float32" and self.run.dtype != "float32":
             raise JanusInputError(f"config key run.precision={self.run.precision} needs run.dtype float32 "
                                   f"(got {self.run.dtype})")
+        if self.run.compile:
+            if self.parallel.dd > 1 or self.parallel.ep > 1:
+                raise JanusInputError("run.compile works with data parallelism only: parallel.dd and parallel.ep "
+                                      "must be 1 (set run.compile: false)")
+            if self.run.precision != "float32":
+                raise JanusInputError(f"run.compile needs run.precision float32 (got {self.run.precision})")
         if not (self.optim.max_steps or self.optim.epochs):
             raise JanusInputError("config keys optim.max_steps and optim.epochs are both 0: set one of them")
         try:

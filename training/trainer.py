@@ -57,9 +57,10 @@ from janus_potential.parallel.expert import expert_shards, full_state_dict, shar
 from janus_potential.parallel.mesh import ProcessMesh, local_rank
 from janus_potential.precision import apply_precision
 
+from .compiled import CompiledStep, expert_loads
 from .checkpoint import Piece, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from .config import TrainConfig, data_heads, split_head
-from .data import (Batches, FrameSamples, ReplayedSamples, Sample, atom_budget_batches, collate, split_indices,
+from .data import (Batch, Batches, FrameSamples, ReplayedSamples, Sample, atom_budget_batches, collate, split_indices,
                    with_replay)
 from .finetune import freeze, load_parent, new_element_references
 from .distributed import (ForwardPass, OwnedAtoms, ParameterShards, ShardedAdamW, gradient_reducers,
@@ -119,6 +120,9 @@ class Trainer:
             self._truncate_log()
         self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
         self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
+        # run.compile: each evaluation's loss and parameter gradient through one traced and
+        # compiled graph (training/compiled.py); dd and ep stay eager (validate refuses them)
+        self.compiled = CompiledStep(self.model, config.loss) if run.compile else None
 
     @staticmethod
     def _choose_device(spec: str) -> torch.device:
@@ -512,6 +516,19 @@ class Trainer:
         except ValueError as exc:
             raise JanusInputError(f"parallel.dd={self.mesh.dd}: {exc} (a structure from {sample.source})") from exc
 
+    def _label_counts(self, target: Batch, counted: bool) -> torch.Tensor:
+        """(energy frames, force atoms, stress frames, atoms) of one evaluation, weighted, on
+        the CPU; zeros for a padding pass. Every dd rank holds the per-structure terms, so
+        those count 1/dd per rank."""
+        weight = target.weight.to(torch.float64)
+        share = 1.0 / self.mesh.dd
+        return torch.stack([
+            (weight * target.has_energy).sum() * share,
+            (weight[target.graph.batch] * target.has_forces).sum(),
+            (weight * target.has_stress).sum() * share,
+            torch.tensor(float(target.forces.shape[0]), dtype=torch.float64),
+        ]) * float(counted)
+
     def _evaluate(self, samples: List[Sample], counted: bool, compute_virial: bool) -> ForwardPass:
         if self.mesh.dd > 1:
             (sample,) = samples
@@ -528,14 +545,7 @@ class Trainer:
                              forces=whole.forces[owned], has_forces=whole.has_forces[owned])
         else:
             target = collate(samples)
-        weight = target.weight.to(torch.float64)  # the label counts, on the CPU
-        share = 1.0 / self.mesh.dd  # every dd rank holds the per-structure terms
-        counts = torch.stack([
-            (weight * target.has_energy).sum() * share,
-            (weight[target.graph.batch] * target.has_forces).sum(),
-            (weight * target.has_stress).sum() * share,
-            torch.tensor(float(target.forces.shape[0]), dtype=torch.float64),
-        ]) * float(counted)
+        counts = self._label_counts(target, counted)
         target = target.to(self.device)
         if self.mesh.dd == 1:
             prediction = routing = self.model.compute(target.graph, compute_virial=compute_virial, create_graph=True,
@@ -551,35 +561,38 @@ class Trainer:
         self.shards.gather()
         self.optimizer.zero_grad(set_to_none=True)
         compute_virial = any(sample.has_stress for sample, _ in share)
-        evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(share)]
-
-        n_layers = len(self.model.layers)
-        local = torch.zeros(4, dtype=torch.float64)  # energy frames, force atoms, stress frames, atoms
-        loads = torch.zeros(n_layers, self.model.layers[0].moe.num_experts, dtype=torch.float64)
-        for evaluation in evaluations:
-            local += evaluation.counts
-            loads += evaluation.expert_load
-        packed = torch.cat([local, loads.reshape(-1)])
-        if self.world > 1:
-            dist.all_reduce(packed)
-        total_counts, global_loads = packed[:4], packed[4:].view_as(loads)
-
         names = ["energy", "forces", "stress"]
-        terms: Dict[str, torch.Tensor] = {}
-        balance = torch.zeros((), dtype=self.dtype)
-        if evaluations:
+        if self.compiled is not None:
+            terms, balance, evaluations, total_counts = self._compiled_passes(share, compute_virial)
+        else:
+            evaluations = [self._evaluate(group, counted, compute_virial) for group, counted in self._passes(share)]
+
+            n_layers = len(self.model.layers)
+            local = torch.zeros(4, dtype=torch.float64)  # energy frames, force atoms, stress frames, atoms
+            loads = torch.zeros(n_layers, self.model.layers[0].moe.num_experts, dtype=torch.float64)
             for evaluation in evaluations:
-                pass_terms = loss_terms(evaluation.prediction, evaluation.target, loss_config)
-                for k, name in enumerate(names):
-                    if name in pass_terms:
-                        ratio = (evaluation.counts[k] / total_counts[k].clamp(min=1e-12)).to(self.dtype)
-                        terms[name] = terms.get(name, 0.0) + pass_terms[name] * ratio
-            total = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
-            if "stress" in terms:
-                total = total + loss_config.stress_weight * terms["stress"]
-            balance = self._balance_share(evaluations, global_loads, float(total_counts[3]))
-            terms["total"] = total
-            (total + loss_config.balance_weight * balance).backward()
+                local += evaluation.counts
+                loads += evaluation.expert_load
+            packed = torch.cat([local, loads.reshape(-1)])
+            if self.world > 1:
+                dist.all_reduce(packed)
+            total_counts, global_loads = packed[:4], packed[4:].view_as(loads)
+
+            terms: Dict[str, torch.Tensor] = {}
+            balance = torch.zeros((), dtype=self.dtype)
+            if evaluations:
+                for evaluation in evaluations:
+                    pass_terms = loss_terms(evaluation.prediction, evaluation.target, loss_config)
+                    for k, name in enumerate(names):
+                        if name in pass_terms:
+                            ratio = (evaluation.counts[k] / total_counts[k].clamp(min=1e-12)).to(self.dtype)
+                            terms[name] = terms.get(name, 0.0) + pass_terms[name] * ratio
+                total = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
+                if "stress" in terms:
+                    total = total + loss_config.stress_weight * terms["stress"]
+                balance = self._balance_share(evaluations, global_loads, float(total_counts[3]))
+                terms["total"] = total
+                (total + loss_config.balance_weight * balance).backward()
         for reducer in self.reducers:
             reducer.finish()
         for group in self.optimizer.param_groups:
@@ -603,6 +616,57 @@ class Trainer:
             out.pop("stress")
         out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))))
         return out
+
+    def _compiled_passes(self, share: List[tuple], compute_virial: bool) -> tuple:
+        """`train_step`'s evaluations, loss and backward through the compiled step: the label
+        counts and the expert loads (from the species: element-only routing) are summed over
+        the ranks BEFORE the evaluations, so each pass's loss ratios and balance-loss
+        coefficients are inputs of its graph; the gradients are accumulated into `.grad` as
+        the eager backward would. Returns (terms, balance, evaluations, total_counts)."""
+        loss_config = self.config.loss
+        passes = []
+        for group, counted in self._passes(share):
+            target = collate(group)
+            counts = self._label_counts(target, counted)
+            target = target.to(self.device)
+            loads = expert_loads(self.model, target.graph.species).cpu() * float(counted)
+            passes.append((target, counted, counts, loads))
+        n_layers = len(self.model.layers)
+        experts = self.model.layers[0].moe.num_experts
+        local = torch.zeros(4, dtype=torch.float64)
+        loads = torch.zeros(n_layers, experts, dtype=torch.float64)
+        for _, _, counts, load in passes:
+            local += counts
+            loads += load
+        packed = torch.cat([local, loads.reshape(-1)])
+        if self.world > 1:
+            dist.all_reduce(packed)
+        total_counts, global_loads = packed[:4], packed[4:].view_as(loads)
+        # balance_loss = E * sum(f * P) / atoms, linear in each pass's router probability sums P
+        fraction = global_loads / global_loads.sum(dim=-1, keepdim=True).clamp(min=1)
+        coefficients = (experts * fraction / max(float(total_counts[3]), 1.0)).to(self.device)
+
+        terms: Dict[str, torch.Tensor] = {}
+        balance = torch.zeros((), dtype=self.dtype)
+        evaluations = []
+        parameters = dict(self.model.named_parameters())
+        for target, counted, counts, load in passes:
+            ratios = (counts[:3] / total_counts[:3].clamp(min=1e-12)).to(device=self.device, dtype=self.dtype)
+            out = self.compiled(target, compute_virial, ratios, coefficients * float(counted))
+            for k, name in enumerate(["energy", "forces", "stress"][:3 if compute_virial else 2]):
+                terms[name] = terms.get(name, 0.0) + out[name] * ratios[k]
+            balance = balance + out["balance"].to(balance.device)
+            for name, grad in out["gradients"].items():
+                if grad is not None:
+                    p = parameters[name]
+                    p.grad = grad if p.grad is None else p.grad + grad
+            evaluations.append(ForwardPass({"forces": out["forces_prediction"]}, target, counted, counts,
+                                           out["router_probability_sum"] * float(counted), load))
+        if evaluations:
+            terms["total"] = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
+            if "stress" in terms:
+                terms["total"] = terms["total"] + loss_config.stress_weight * terms["stress"]
+        return terms, balance, evaluations, total_counts
 
     def _force_errors_by_source(self, evaluations: List[ForwardPass]) -> torch.Tensor:
         """(sum of |force error| components, components) for the training frames and for the
@@ -707,6 +771,12 @@ class Trainer:
         dist.all_gather_object(every, mine)
         return every
 
+    def _compile_record(self) -> Dict[str, Any]:
+        """Compiled graphs so far and the seconds they took (trace + compile), with run.compile."""
+        if self.compiled is None:
+            return {}
+        return {"compiles": self.compiled.compiles, "compile_s": round(self.compiled.compile_seconds, 3)}
+
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -758,7 +828,8 @@ class Trainer:
                 if self.step % run.log_every == 0:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": lr, "peak_rss_gib": self._peak_rss(),
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
-                               "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()}})
+                               "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()},
+                               **self._compile_record()})
                     window_atoms, window_time, window_wait = 0, 0.0, 0.0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
