@@ -7,9 +7,14 @@ the torch profiler (with_flops: mm/addmm/bmm; FlopCounterMode cannot follow auto
 on leaf tensors), and the achieved FLOP rate against this
 machine's fp32 matrix-multiply rate measured in the same run. Each preset runs twice when
 the fused operators are built (janus_potential.ops): the message through torch operations
-(`fused False`) and through `janus::edge_scatter` (`fused True`), side by side.
+(`fused False`) and through `janus::edge_scatter` (`fused True`), side by side, and the
+compiled step of `run.compile` (training/compiled.py: evaluation, the trainer's loss and
+the parameter gradient traced into one graph and compiled), all measured in the same run.
+The step timed for every row is the trainer's (`loss_terms` on energy, forces and stress,
+the load-balancing loss, the parameter gradient); the eager rows also split it into its
+forward, force and backward phases (of `one_step`, the same operations).
 
-    python bench/train_step.py [--quick] [--presets tiny small base]
+    python bench/train_step.py [--quick] [--presets tiny small base] [--no-compile]
 Writes bench/results/train_step.json.
 """
 
@@ -74,27 +79,82 @@ def one_step(model, graph, timings: dict | None = None):
         timings["backward"].append(t3 - t2)
 
 
-def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float, fused: bool = False) -> dict:
+def labelled_batch(graph):
+    """The batch as the trainer sees it, with zero labels (the step's cost does not depend on them)."""
+    from janus_potential.training.data import Batch
+
+    g = graph.num_graphs
+    n = graph.species.shape[0]
+    dtype = graph.positions.dtype
+    return Batch(graph=graph, energy=torch.zeros(g, dtype=torch.float64), forces=torch.zeros(n, 3, dtype=dtype),
+                 stress=torch.zeros(g, 3, 3, dtype=dtype), has_energy=torch.ones(g, dtype=torch.bool),
+                 has_forces=torch.ones(n, dtype=torch.bool), has_stress=torch.ones(g, dtype=torch.bool),
+                 weight=torch.ones(g), sources=["bench"] * g, files=["bench"] * g)
+
+
+def trainer_step(model, batch, config, compiled=None) -> None:
+    """The trainer's step on one evaluation: eager (model.compute, loss_terms, backward) or
+    through `compiled` (a training.compiled.CompiledStep)."""
+    from janus_potential.training.compiled import expert_loads
+    from janus_potential.training.loss import loss_terms
+
+    loads = expert_loads(model, batch.graph.species)
+    coefficients = loads.shape[-1] * loads / loads.sum(dim=-1, keepdim=True) / batch.graph.species.shape[0]
+    ratios = torch.ones(3, dtype=batch.graph.positions.dtype)
+    model.zero_grad(set_to_none=True)
+    if compiled is not None:
+        for name, grad in compiled(batch, True, ratios, coefficients)["gradients"].items():
+            if grad is not None:
+                model.get_parameter(name).grad = grad
+        return
+    prediction = model.compute(batch.graph, compute_virial=True, create_graph=True)
+    terms = loss_terms(prediction, batch, config)
+    balance = (coefficients.to(terms["total"].dtype) * prediction["router_probability_sum"]).sum()
+    (terms["total"] + config.balance_weight * balance).backward()
+
+
+def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float, fused: bool = False,
+                 compile: bool = False) -> dict:
     """One preset's training step; `fused`: the message through janus_potential.ops (the
-    fused gather-multiply-scatter) instead of torch operations."""
+    fused gather-multiply-scatter) instead of torch operations; `compile`: run.compile's step."""
+    from janus_potential.training.compiled import CompiledStep
+    from janus_potential.training.config import LossConfig
+
     torch.manual_seed(0)
     model = JanusPotential.from_preset(preset)
     for layer in model.layers:
         layer.fused = fused
     graph = training_batch(n_structures, model.cutoff)
+    batch = labelled_batch(graph)
+    config = LossConfig()
     one_step(model, graph)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
         one_step(model, graph)
-    flops = sum(event.flops for event in profiler.key_averages() if event.flops)
-    timings = {"forward": [], "force_pass": [], "backward": []}
+    flops = sum(event.flops for event in profiler.key_averages() if event.flops)  # the same math in every row
+    medians = {}
+    compiled, compile_s = None, 0.0
+    if compile:
+        compiled = CompiledStep(model, config)
+        start = time.perf_counter()
+        trainer_step(model, batch, config, compiled)
+        compile_s = time.perf_counter() - start
+    else:
+        timings = {"forward": [], "force_pass": [], "backward": []}
+        for _ in range(steps):
+            one_step(model, graph, timings)
+        medians = {k: float(np.median(v)) for k, v in timings.items()}
+    trainer_step(model, batch, config, compiled)
+    times = []
     for _ in range(steps):
-        one_step(model, graph, timings)
-    medians = {k: float(np.median(v)) for k, v in timings.items()}
-    step_time = sum(medians.values())
+        start = time.perf_counter()
+        trainer_step(model, batch, config, compiled)
+        times.append(time.perf_counter() - start)
+    step_time = float(np.median(times))
     atoms = int(graph.num_atoms.sum())
     return {
-        "preset": preset, "fused": fused, "atoms_per_batch": atoms, "edges_per_batch": int(graph.edge_index.shape[1]),
-        "steps_per_s": 1 / step_time, "atoms_per_s": atoms / step_time,
+        "preset": preset, "fused": fused, "compiled": compile, "atoms_per_batch": atoms,
+        "edges_per_batch": int(graph.edge_index.shape[1]), "compile_s": compile_s,
+        "steps_per_s": 1 / step_time, "atoms_per_s": atoms / step_time, "step_s": step_time,
         **{f"{k}_s": v for k, v in medians.items()},
         "matmul_gflop_per_step": flops / 1e9, "achieved_gflop_s": flops / step_time / 1e9,
         "fraction_of_matmul_rate": flops / step_time / peak_rate,
@@ -107,21 +167,31 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=8, help="structures per batch (24-40 atoms each)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (compiling takes minutes)")
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
     peak = matmul_rate(seconds=1.0 if args.quick else 3.0)
     print(f"fp32 matmul rate (1024x1024, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
     from janus_potential import ops
 
-    variants = [False, True] if ops.available() else [False]
-    rows = [bench_preset(p, args.structures, steps, peak, fused) for p in args.presets for fused in variants]
-    header = (f"{'preset':>6} {'fused':>5} {'atoms':>6} {'steps/s':>8} {'atoms/s':>8} {'fwd s':>7} {'force s':>8} {'bwd s':>7} "
-              f"{'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8}")
+    variants = [(False, False)] + ([(True, False)] if ops.available() else [])
+    if not args.no_compile:
+        variants.append((ops.available(), True))
+    rows = [bench_preset(p, args.structures, steps, peak, fused, compile) for p in args.presets
+            for fused, compile in variants]
+    header = (f"{'preset':>6} {'path':>16} {'atoms':>6} {'steps/s':>8} {'x eager':>8} {'atoms/s':>8} {'fwd s':>7} "
+              f"{'force s':>8} {'bwd s':>7} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8} {'compile s':>9}")
     print(header)
     for r in rows:
-        print(f"{r['preset']:>6} {str(r['fused']):>5} {r['atoms_per_batch']:>6} {r['steps_per_s']:8.2f} {r['atoms_per_s']:8.0f} "
-              f"{r['forward_s']:7.3f} {r['force_pass_s']:8.3f} {r['backward_s']:7.3f} "
-              f"{r['matmul_gflop_per_step']:7.2f} {r['achieved_gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:7.1f}%")
+        base = next(b for b in rows if b["preset"] == r["preset"] and not b["fused"] and not b["compiled"])
+        r["speedup_vs_eager_torch_ops"] = r["steps_per_s"] / base["steps_per_s"]
+        path = ("compiled" if r["compiled"] else "eager") + (", fused" if r["fused"] else ", torch ops")
+        phases = " ".join(f"{r[k]:{w}.3f}" if k in r else f"{'-':>{w}}" for k, w in
+                          (("forward_s", 7), ("force_pass_s", 8), ("backward_s", 7)))
+        print(f"{r['preset']:>6} {path:>16} {r['atoms_per_batch']:>6} {r['steps_per_s']:8.2f} "
+              f"{r['speedup_vs_eager_torch_ops']:8.2f} {r['atoms_per_s']:8.0f} {phases} "
+              f"{r['matmul_gflop_per_step']:7.2f} {r['achieved_gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:7.1f}% "
+              f"{r['compile_s']:9.1f}")
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
            "matmul_gflop_s": peak / 1e9, "rows": rows}

@@ -124,13 +124,17 @@ class MixtureOfExperts(nn.Module):
         num_blocks = slots // block + experts  # sum_e ceil(c_e / B) <= S / B + E
         block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=routed.device), right=True)
         block_expert = block_expert.clamp(max=experts - 1)  # the unused tail blocks: any expert, zero rows
-        padded = torch.zeros(num_blocks * block, routed.shape[1], dtype=routed.dtype, device=routed.device)
-        padded = padded.index_copy(0, row, routed).view(num_blocks, block, routed.shape[1])
+        # (block, row in block) of each slot: a 3-D layout built and read by indexing, not by
+        # reshaping a 2-D one (a reshape of a symbolic size asks for a divisibility proof)
+        slot_block = torch.div(row, block, rounding_mode="floor")
+        slot_row = row - slot_block * block
+        padded = torch.zeros(num_blocks, block, routed.shape[1], dtype=routed.dtype, device=routed.device)
+        padded = padded.index_put([slot_block, slot_row], routed)
         hidden = F.silu(torch.baddbmm(self.b_in.index_select(0, block_expert).unsqueeze(1), padded,
                                       self.w_in.index_select(0, block_expert)))
         out = torch.baddbmm(self.b_out.index_select(0, block_expert).unsqueeze(1), hidden,
                             self.w_out.index_select(0, block_expert))
-        return out.reshape(num_blocks * block, -1).index_select(0, row)
+        return out[slot_block, slot_row]
 
 
 def balance_loss(router_probability_sum: torch.Tensor, expert_load: torch.Tensor, num_atoms: float) -> torch.Tensor:
