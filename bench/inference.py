@@ -3,11 +3,16 @@
 Each case runs in its own process so that peak memory is that case's alone: seconds per
 evaluation (float32 exported model through JanusCalculator, neighbour list included), ASE
 MD throughput (VelocityVerlet, neighbour list reused within the skin) and peak memory per
-atom (peak RSS minus the RSS before the first evaluation, divided by the atom count).
-When `chgnet` is importable it is measured in the same run as the baseline.
+atom (peak RSS minus the RSS before the first evaluation, divided by the atom count; the
+peak is reset after the model is loaded, so that it is the evaluations' own).
+When `chgnet` is importable it is measured in the same run as the baseline. Every Janus case
+runs with the TorchScript file and with the AOTInductor package (`janus export --format
+aoti`, compiled once per preset before the cases, its compile time reported), side by side,
+and the table gives the package's speed as a ratio to the TorchScript file's.
 
     python bench/inference.py            # full table (64 ... 100,000 atoms)
     python bench/inference.py --quick    # 64 and 1,000 atoms
+    python bench/inference.py --presets small --formats torchscript aoti
 Writes bench/results/inference.json.
 """
 
@@ -37,6 +42,26 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak (Linux: writing 5 to /proc/self/clear_refs), so that the peak measured
+    afterwards is the evaluation's, not the model loading's or export's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def build_structure(system: str, n_atoms: int):
     from ase.build import bulk
 
@@ -56,7 +81,7 @@ def build_structure(system: str, n_atoms: int):
     return atoms
 
 
-def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations: int) -> dict:
+def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations: int, package: str = "") -> dict:
     import torch
     from ase import units
     from ase.md.verlet import VelocityVerlet
@@ -73,7 +98,9 @@ def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations:
 
         torch.manual_seed(0)
         model = JanusPotential.from_preset(preset)
-        if preset == "1b":
+        if package:  # the AOTInductor package compiled by main()
+            calculator = JanusCalculator(package)
+        elif preset == "1b":
             calculator = JanusCalculator(model)  # eager: scripting a 1e9-parameter model copies it
         else:
             path = Path(tempfile.mkdtemp()) / "model.pt"
@@ -82,6 +109,7 @@ def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations:
             calculator = JanusCalculator(str(path))
     atoms.calc = calculator
     rss_before = rss_mb()
+    peak_reset = reset_peak_rss()
     start = time.perf_counter()
     atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
     first = time.perf_counter() - start
@@ -92,7 +120,7 @@ def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations:
         atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
         times.append(time.perf_counter() - start)
     result = {
-        "preset": preset, "system": system, "atoms": len(atoms),
+        "preset": preset, "system": system, "atoms": len(atoms), "format": "aoti" if package else "torchscript",
         "first_evaluation_s": first,
         "seconds_per_evaluation": float(np.median(times)) if times else first,
     }
@@ -102,13 +130,14 @@ def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations:
         start = time.perf_counter()
         dynamics.run(md_steps)
         result["md_atom_steps_per_s"] = md_steps * len(atoms) / (time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     result["peak_rss_mb"] = peak
+    result["peak_reset"] = peak_reset  # False: the peak may be the loading's (the KB/atom then overstates)
     result["peak_kb_per_atom"] = (peak - rss_before) * 1024 / len(atoms)
     return result
 
 
-def cases(args) -> list[tuple[str, str, int, int, int]]:
+def cases(args, packages: dict) -> list[tuple]:
     sizes = [64, 1000] if args.quick else [64, 1000, 10000, 100000]
     out = []
     for preset in args.presets:
@@ -117,9 +146,12 @@ def cases(args) -> list[tuple[str, str, int, int, int]]:
                 if preset == "base" and n > 10000:
                     continue
                 md = 20 if n <= 1000 else (5 if n <= 10000 else 0)
-                out.append((preset, system, n, md, 3 if n <= 10000 else 1))
+                for form in args.formats:
+                    if form == "aoti" and preset not in packages:
+                        continue
+                    out.append((preset, system, n, md, 3 if n <= 10000 else 1, packages[preset] if form == "aoti" else ""))
     if not args.quick or "1b" in args.presets:
-        out.append(("1b", "Si", 64, 0, 1))
+        out.append(("1b", "Si", 64, 0, 1, ""))
     try:
         import chgnet  # noqa: F401
         out += [("chgnet", "Si", 1000, 5, 1)]
@@ -132,15 +164,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--formats", nargs="+", choices=["torchscript", "aoti"], default=["torchscript", "aoti"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        preset, system, n, md, evals = args.case.split(",")
-        print(json.dumps(run_case(preset, system, int(n), int(md), int(evals))))
+        preset, system, n, md, evals, package = args.case.split(",")
+        print(json.dumps(run_case(preset, system, int(n), int(md), int(evals), package)))
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    packages, compile_s = {}, {}
+    if "aoti" in args.formats:
+        import torch
+
+        from janus_potential import JanusPotential
+        from janus_potential.aoti import export_aoti
+
+        folder = Path(tempfile.mkdtemp())
+        for preset in args.presets:
+            if preset == "1b":
+                continue
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            export_aoti(JanusPotential.from_preset(preset), folder / f"{preset}.pt2", dtype="float32")
+            compile_s[preset] = time.perf_counter() - start
+            packages[preset] = str(folder / f"{preset}.pt2")
+            print(f"compiled {preset} with AOTInductor in {compile_s[preset]:.0f} s", flush=True)
     rows = []
-    for case in cases(args):
+    for case in cases(args, packages):
         spec = ",".join(map(str, case))
         proc = subprocess.run([sys.executable, __file__, "--case", spec], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -148,11 +198,19 @@ def main() -> None:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         row = rows[-1]
-        print(f"{row['preset']:>7} {row['system']:>6} {row['atoms']:>7} "
+        row.setdefault("format", "aoti" if case[5] else "torchscript")
+        if row["format"] == "aoti" and "error" not in row:
+            twin = next((r for r in rows if r.get("format") == "torchscript" and "error" not in r and
+                         (r["preset"], r["system"], r["atoms"]) == (row["preset"], row["system"], row["atoms"])), None)
+            if twin is not None:
+                row["speed_vs_torchscript"] = twin["seconds_per_evaluation"] / row["seconds_per_evaluation"]
+        print(f"{row['preset']:>7} {row['system']:>6} {row['atoms']:>7} {row['format']:>11} "
               + ("ERROR " + row["error"][-120:] if "error" in row else
                  f"{row['seconds_per_evaluation']:9.4f} s/eval  "
                  f"{row.get('md_atom_steps_per_s', float('nan')):10.0f} atom-steps/s  "
-                 f"{row['peak_kb_per_atom']:8.1f} KB/atom  peak {row['peak_rss_mb']:8.0f} MB"), flush=True)
+                 f"{row['peak_kb_per_atom']:8.1f} KB/atom  peak {row['peak_rss_mb']:8.0f} MB"
+                 + (f"  {row['speed_vs_torchscript']:.2f}x TorchScript" if "speed_vs_torchscript" in row else "")),
+              flush=True)
     baseline = next((r for r in rows if r.get("preset") == "chgnet" and "md_atom_steps_per_s" in r), None)
     if baseline:
         for r in rows:
@@ -160,6 +218,7 @@ def main() -> None:
                 r["speedup_vs_chgnet"] = r["md_atom_steps_per_s"] / baseline["md_atom_steps_per_s"]
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
+           "aoti_compile_s": compile_s,
            "baseline": "chgnet" if baseline else "chgnet not installed"}
     (RESULTS / "inference.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {RESULTS / 'inference.json'}")

@@ -40,7 +40,7 @@ cannot hold; `run.compile` refuses them with a clear error.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -148,8 +148,10 @@ class CompiledStep:
     (module docstring). `compile=False` runs the traced graph without compiling it (tests)."""
 
     def __init__(self, model: nn.Module, config: LossConfig, compile: bool = True,
-                 block: int = DISPATCH_BLOCK) -> None:
+                 block: int = DISPATCH_BLOCK, announce: Optional[Callable[[str], None]] = None) -> None:
         check_compilable(model)
+        self.announce = announce  # told why each graph is traced (a pause of a minute or more follows)
+        self.reasons: List[str] = []
         self.model = model
         self.config = config
         self.compile = compile
@@ -181,6 +183,15 @@ class CompiledStep:
                 return entry
         return None
 
+    def _reason(self, key: tuple, batch: Batch) -> str:
+        if not self.graphs:
+            return "first step"
+        if all(entry["key"] != key for entry in self.graphs):
+            return "a batch of another kind (labels, fields or trainable parameters)"
+        sizes = (f"{batch.graph.num_graphs} structures, {batch.graph.species.shape[0]} atoms, "
+                 f"{batch.graph.edge_index.shape[1]} edges")
+        return f"a batch outside the traced graphs' assumptions ({sizes})"
+
     def _trace(self, key: tuple, args: tuple, compute_virial: bool) -> Dict[str, Any]:
         start = time.perf_counter()
         step = _Step(self.model, self.config, compute_virial, [name for name, _ in self._trainable()])
@@ -205,6 +216,10 @@ class CompiledStep:
         key = self._key(batch, compute_virial)
         entry = self._find(key, args)
         if entry is None:
+            reason = self._reason(key, batch)
+            self.reasons.append(reason)
+            if self.announce is not None:
+                self.announce(f"compiling the training step, graph {len(self.graphs) + 1} ({reason})")
             entry = self._trace(key, args, compute_virial)
         start = time.perf_counter()
         values, probability_sum, forces, grads = entry["function"](*args)

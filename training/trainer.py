@@ -122,7 +122,8 @@ class Trainer:
         self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
         # run.compile: each evaluation's loss and parameter gradient through one traced and
         # compiled graph (training/compiled.py); dd and ep stay eager (validate refuses them)
-        self.compiled = CompiledStep(self.model, config.loss) if run.compile else None
+        announce = (lambda line: print(line, flush=True)) if self.is_main else None
+        self.compiled = CompiledStep(self.model, config.loss, announce=announce) if run.compile else None
 
     @staticmethod
     def _choose_device(spec: str) -> torch.device:
