@@ -120,7 +120,7 @@ def run_case(preset: str, system: str, n_atoms: int, md_steps: int, evaluations:
         atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
         times.append(time.perf_counter() - start)
     result = {
-        "preset": preset, "system": system, "atoms": len(atoms), "format": "aoti" if package else "torchscript",
+        "preset": preset, "system": system, "atoms": len(atoms), "format": "aoti" if package else ("eager" if preset == "1b" else "torchscript"),
         "first_evaluation_s": first,
         "seconds_per_evaluation": float(np.median(times)) if times else first,
     }
@@ -198,7 +198,7 @@ def main() -> None:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         row = rows[-1]
-        row.setdefault("format", "aoti" if case[5] else "torchscript")
+        row.setdefault("format", "aoti" if case[5] else ("eager" if case[0] == "1b" else "torchscript"))
         if row["format"] == "aoti" and "error" not in row:
             twin = next((r for r in rows if r.get("format") == "torchscript" and "error" not in r and
                          (r["preset"], r["system"], r["atoms"]) == (row["preset"], row["system"], row["atoms"])), None)
