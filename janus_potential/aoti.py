@@ -106,19 +106,11 @@ def export_aoti(model: JanusPotential, path: str | os.PathLike, dtype: str = "fl
     metadata of a TorchScript export, with format "janus-aoti"."""
     from ase.build import bulk
 
-    from .export import export_metadata
+    from .export import export_metadata, exported_copy
     from .graph import build_graph
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    if model.config.output_heads:
-        model = model.select_head(head or model.config.output_heads[0])
-    elif head is not None:
-        raise JanusInputError(f"--head {head}: the model has a single output head")
     ops.available()
-    exported = JanusPotential(model.config).to(DTYPES[dtype])
-    exported.load_state_dict(model.state_dict())
-    exported.eval()
+    model, exported = exported_copy(model, dtype, head)
     for layer in exported.layers:
         layer.moe.dispatch_block = block
     metadata = export_metadata(model, dtype, provenance)

@@ -45,11 +45,9 @@ def export_metadata(model: JanusPotential, dtype: str, provenance: Dict[str, Any
     }
 
 
-def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "float32",
-                 provenance: Dict[str, Any] | None = None, head: str | None = None) -> Dict[str, Any]:
-    """Script `model` in `dtype` and write it with its metadata to `path` (atomically). A
-    multi-head model is exported as the plain model of one head (`head`, default its first):
-    the file, the calculator and the LAMMPS plugin then know nothing of heads."""
+def exported_copy(model: JanusPotential, dtype: str, head: str | None) -> Tuple[JanusPotential, JanusPotential]:
+    """(the plain model of `head`, its copy in `dtype` in eval mode): what every export format
+    writes. A multi-head model gives the plain model of one head (default its first)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if model.config.output_heads:
@@ -58,7 +56,15 @@ def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "f
         raise JanusInputError(f"--head {head}: the model has a single output head")
     exported = JanusPotential(model.config).to(DTYPES[dtype])
     exported.load_state_dict(model.state_dict())
-    exported.eval()
+    return model, exported.eval()
+
+
+def export_model(model: JanusPotential, path: str | os.PathLike, dtype: str = "float32",
+                 provenance: Dict[str, Any] | None = None, head: str | None = None) -> Dict[str, Any]:
+    """Script `model` in `dtype` and write it with its metadata to `path` (atomically). A
+    multi-head model is exported as the plain model of one head (`head`, default its first):
+    the file, the calculator and the LAMMPS plugin then know nothing of heads."""
+    model, exported = exported_copy(model, dtype, head)
     metadata = export_metadata(model, dtype, provenance)
     scripted = torch.jit.script(exported)
     metadata["weights_sha256"] = scripted_digest(scripted)
