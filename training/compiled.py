@@ -202,9 +202,34 @@ class CompiledStep:
         shape_env = next(v.fake_mode.shape_env for v in placeholders if isinstance(v, torch.Tensor))
         function = torch.compile(graph_module, dynamic=True) if self.compile else graph_module
         entry = {"key": key, "placeholders": placeholders, "shape_env": shape_env, "function": function,
+                 "graph_module": graph_module,
                  "unused": list(step.unused), "compiled": False, "trace_seconds": time.perf_counter() - start}
         self.graphs.append(entry)
         return entry
+
+    def _first_call(self, entry: Dict[str, Any], args: tuple) -> Any:
+        """The first call compiles the graph. Inductor's CPU code generator fails on some
+        graphs (torch 2.13: a float64 scatter-add into a one-element tensor, which a batch of
+        ONE structure traces, asserts in its vectorised store); such a graph is compiled
+        again without vectorisation, and failing that runs as traced (exact, uncompiled)."""
+        if not self.compile:
+            return entry["function"](*args)
+        try:
+            return entry["function"](*args)
+        except Exception as exc:  # inductor's failures come as several exception types
+            first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc.__class__.__name__
+        if self.announce is not None:
+            self.announce(f"the compiler failed on graph {len(self.graphs)} ({first}); compiling it without "
+                          "vectorisation")
+        entry["function"] = torch.compile(entry["graph_module"], dynamic=True, options={"cpp.simdlen": 1})
+        try:
+            return entry["function"](*args)
+        except Exception as exc:
+            if self.announce is not None:
+                self.announce(f"the compiler failed again ({exc.__class__.__name__}); graph {len(self.graphs)} "
+                              "runs uncompiled")
+        entry["function"] = entry["graph_module"]
+        return entry["function"](*args)
 
     def __call__(self, batch: Batch, compute_virial: bool, ratios: torch.Tensor,
                  coefficients: torch.Tensor) -> Dict[str, Any]:
@@ -222,7 +247,10 @@ class CompiledStep:
                 self.announce(f"compiling the training step, graph {len(self.graphs) + 1} ({reason})")
             entry = self._trace(key, args, compute_virial)
         start = time.perf_counter()
-        values, probability_sum, forces, grads = entry["function"](*args)
+        if entry["compiled"]:
+            values, probability_sum, forces, grads = entry["function"](*args)
+        else:
+            values, probability_sum, forces, grads = self._first_call(entry, args)
         if not entry["compiled"]:  # the first call of a graph compiles it
             entry["compiled"] = True
             self.compiles += 1
