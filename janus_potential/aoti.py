@@ -38,7 +38,7 @@ from torch import nn
 from . import ops
 from .errors import JanusInputError
 from .model import DTYPES, JanusPotential, atom_energies, forces_from_edge_gradient
-from .nn.geometry import build_triplets
+from .nn.geometry import short_edge_triplets
 
 AOTI_FORMAT_VERSION = 1
 EXPORT_DISPATCH_BLOCK = 64  # rows per MoE block in the package (waste <= E * B rows per call)
@@ -47,9 +47,7 @@ METADATA_KEY = "janus"
 
 def triplets(edge_index: torch.Tensor, edge_vectors: torch.Tensor, three_body_cutoff: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The triplet list of `GeometryBuilder.triplets`, without the model."""
-    distance = torch.linalg.norm(edge_vectors.detach(), dim=1)
-    short = torch.nonzero(distance < three_body_cutoff).reshape(-1)
-    return build_triplets(edge_index[0], short)
+    return short_edge_triplets(edge_index[0], torch.linalg.norm(edge_vectors.detach(), dim=1), three_body_cutoff)
 
 
 class _Evaluation(nn.Module):

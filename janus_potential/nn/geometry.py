@@ -54,6 +54,14 @@ def build_triplets(centre: torch.Tensor, short: torch.Tensor) -> tuple[torch.Ten
     return short.index_select(0, first_pos[keep]), short.index_select(0, second_pos[keep])
 
 
+def short_edge_triplets(centre: torch.Tensor, distance: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`build_triplets` of the edges shorter than the three-body `cutoff`: the one triplet rule
+    of the model, its compiled training step and the AOTInductor package (which get the list
+    from outside their traced graphs: its size is data-dependent)."""
+    short = torch.nonzero(distance.detach() < cutoff).reshape(-1)
+    return build_triplets(centre, short)
+
+
 class GeometryBuilder(nn.Module):
     """Edge geometry -> radial basis, envelope and triplets (see the module docstring)."""
 
@@ -73,8 +81,7 @@ class GeometryBuilder(nn.Module):
         data-dependent in size. The compiled training step (training/compiled.py) computes
         them here, outside its traced graph, and passes them to `forward`."""
         distance = torch.linalg.norm(edge_vectors.detach(), dim=1)
-        short = torch.nonzero(distance < self.three_body_cutoff).reshape(-1)
-        return build_triplets(edge_index[0], short)
+        return short_edge_triplets(edge_index[0], distance, self.three_body_cutoff)
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                 triplets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Geometry:
@@ -84,8 +91,7 @@ class GeometryBuilder(nn.Module):
         radial, envelope = self.radial_basis(distance)
 
         if triplets is None:
-            short = torch.nonzero(distance < self.three_body_cutoff).reshape(-1)
-            first, second = build_triplets(centre, short)
+            first, second = short_edge_triplets(centre, distance, self.three_body_cutoff)
         else:
             first, second = triplets
         vec_a = edge_vectors.index_select(0, first)

@@ -13,7 +13,7 @@ training step, training/compiled.py) the blocks are laid out shape-stably instea
 expert's slots padded to a multiple of B rows, at most S // B + E blocks of B rows for S
 slots (a bound that depends on S only), one batched matmul over the blocks with each block's
 expert weights gathered. No slot is ever dropped and padding rows are discarded, so the
-result equals the loop's (tests/test_components.py). The forward returns, besides the update, what the trainer
+result equals the loop's (tests/test_compiled.py). The forward returns, besides the update, what the trainer
 needs for the Switch/GShard load-balancing loss: the sum over atoms of the router
 probabilities ([E], differentiable) and the atom-slots routed to each expert ([E], the
 load). Nothing is kept on the module between calls (`balance_loss` combines them).
@@ -108,7 +108,6 @@ class MixtureOfExperts(nn.Module):
         expert_out = torch.cat(pieces, dim=0) * gate_of_slot
         out = out.index_add(0, atom_of_slot, expert_out)
         return out, probabilities.sum(dim=0), counts.to(probabilities.dtype)
-
 
     def blocked_experts(self, routed: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for `routed` ([S, F], slots sorted by expert, `sorted_expert`
