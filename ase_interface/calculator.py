@@ -1,7 +1,7 @@
 """`JanusCalculator`: the ASE front end of a Janus model.
 
 Takes an exported TorchScript file (`janus export`), a compiled AOTInductor package
-(`janus export --format aoti`, `.pt2`, one process on the CPU: janus_potential.aoti), a model or training checkpoint
+(`janus export --format aoti`, `.pt2`, on the CPU: janus_potential.aoti), a model or training checkpoint
 (EMA weights), or a `JanusPotential` instance (`janus_potential.io.load_for_inference`). The neighbour list is built with `cutoff + skin` and reused
 until an atom has moved more than half the skin (or the cell, the elements or the periodic
 flags change), so an MD step costs one model evaluation and no neighbour search; edges
@@ -18,7 +18,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from janus_potential.aoti import AOTIPotential
+from janus_potential.aoti import PackagedPotential
 from janus_potential.devices import on_device, rank_device, resolve_device
 from janus_potential.parallel.mesh import local_rank
 from janus_potential.precision import apply_precision
@@ -48,12 +48,10 @@ class JanusCalculator(Calculator):
         super().__init__(**kwargs)
         self.device = resolve_device(device) if not parallel else rank_device(device, local_rank())
         loaded = load_for_inference(model)
-        self._package = isinstance(loaded.module, AOTIPotential)
-        if self._package and (parallel or self.device.type != "cpu" or precision != "float32"):
-            raise JanusInputError("a compiled package (.pt2) runs on one process on the CPU in its own precision: "
-                                  "use the TorchScript export for parallel=True, a GPU or another precision")
-        if not self._package:
-            loaded.module = on_device(loaded.module, self.device)
+        if isinstance(loaded.module, PackagedPotential) and (self.device.type != "cpu" or precision != "float32"):
+            raise JanusInputError("a compiled package (.pt2) runs on the CPU in its own precision: "
+                                  "use the TorchScript export for a GPU or another precision")
+        loaded.module = on_device(loaded.module, self.device)
         if precision != "float32":
             if loaded.module is model:  # never change the caller's model behind its back
                 import copy
@@ -118,14 +116,11 @@ class JanusCalculator(Calculator):
         # The TorchScript profiling executor's optimised graphs keep more memory per atom and
         # ran no faster here (docs/benchmarks.md): run the exported graph as written.
         device = self.device
-        if self._package:
-            out = self.module.evaluate(neighbors["species"], edge_index, vectors[within].to(self.dtype), volume)
-        else:
-            with torch.enable_grad(), torch.jit.optimized_execution(False):
-                out = evaluate(self.module, neighbors["species"].to(device), edge_index.to(device),
-                               vectors[within].to(device=device, dtype=self.dtype),
-                               torch.zeros(n, dtype=torch.long, device=device), 1, True, periodic, False,
-                               volume.to(device) if volume is not None else None)
+        with torch.enable_grad(), torch.jit.optimized_execution(False):
+            out = evaluate(self.module, neighbors["species"].to(device), edge_index.to(device),
+                           vectors[within].to(device=device, dtype=self.dtype),
+                           torch.zeros(n, dtype=torch.long, device=device), 1, True, periodic, False,
+                           volume.to(device) if volume is not None else None)
         out = {key: value.detach().cpu() for key, value in out.items()}
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy

@@ -34,8 +34,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "aoti":
         from .aoti import export_aoti
 
-        print(f"compiling {args.output} with AOTInductor (a minute or more)...", flush=True)
-        metadata = export_aoti(model, args.output, dtype=args.dtype, head=args.head)
+        print(f"compiling {args.output} with AOTInductor (a minute or more per function)...", flush=True)
+        metadata = export_aoti(model, args.output, dtype=args.dtype, head=args.head,
+                               progress=lambda line: print(f"  {line}", flush=True))
     else:
         metadata = export_model(model, args.output, dtype=args.dtype, head=args.head)
     print(f"wrote {args.output}: {metadata['dtype']}, cutoff {metadata['cutoff']} A, "
@@ -49,10 +50,10 @@ def _info(args: argparse.Namespace) -> int:
     from .export import read_metadata
     from .io import is_torchscript_file, load_model
 
-    from .aoti import AOTIPotential, is_aoti_file
+    from .aoti import PackagedPotential, is_aoti_file
 
     if is_aoti_file(args.model):
-        info = AOTIPotential(args.model).metadata
+        info = PackagedPotential(args.model).metadata
     elif is_torchscript_file(args.model):
         info = read_metadata(args.model)
     else:
@@ -64,13 +65,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a TorchScript model file for LAMMPS and ASE (or a compiled .pt2 for ASE)")
+    p = sub.add_parser("export", help="write a model file for LAMMPS and ASE: TorchScript (.pt) or a compiled AOTInductor package (.pt2)")
     p.add_argument("checkpoint", help="checkpoint written by training or JanusPotential.save")
     p.add_argument("-o", "--output", default="model.pt", help="output file (default: model.pt)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--format", choices=["torchscript", "aoti"], default="torchscript",
-                   help="torchscript (default: ASE and LAMMPS, any rank count) or aoti (an AOTInductor package "
-                        "for ASE on one process; name it .pt2)")
+                   help="torchscript (default) or aoti (an AOTInductor package, name it .pt2; CPU): both run in "
+                        "ASE and LAMMPS on any rank count")
     p.add_argument("--head", help="output head of a multi-head (multi-fidelity) model to export (default: its first)")
     p.set_defaults(handler=_export)
 

@@ -183,10 +183,10 @@ def load_for_inference(model: Any) -> InferenceModel:
     if isinstance(model, (str, os.PathLike)):
         if not os.path.exists(model):
             raise JanusInputError(f"model file {os.fspath(model)!r} does not exist")
-        from .aoti import AOTIPotential, is_aoti_file
+        from .aoti import PackagedPotential, is_aoti_file
 
         if is_aoti_file(model):  # an AOTInductor package (`janus export --format aoti`)
-            package = AOTIPotential(model)
+            package = PackagedPotential(model)
             return InferenceModel(package, package.cutoff, package.elements, package.dtype)
         if is_torchscript_file(model):
             from ase.data import atomic_numbers

@@ -1,5 +1,5 @@
-/* JanusModel: an exported Janus model (TorchScript file) and its per-layer evaluation with a
-   halo callback, independent of LAMMPS (the way DeePMD-kit's pair_deepmd.cpp sits on a
+/* JanusModel: an exported Janus model -- a TorchScript file or an AOTInductor package (.pt2,
+   `janus export --format aoti`) -- and its per-layer evaluation with a halo callback, independent of LAMMPS (the way DeePMD-kit's pair_deepmd.cpp sits on a
    backend class). PairJanus (pair_janus.cpp) only speaks LAMMPS: neighbour lists, ghost
    communication, forces and virials.
 
@@ -10,8 +10,11 @@
 #ifndef JANUS_MODEL_H
 #define JANUS_MODEL_H
 
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
+#include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,14 +51,18 @@ torch::Device choose_device(const std::string &spec, int local_rank);
 class JanusModel {
  public:
   static std::string read_file(const std::string &path);    // the file's bytes; throws ModelError
+  static bool is_package(const std::string &bytes);          // an AOTInductor package (.pt2), by content
   // load from the file's bytes (read once by one rank and broadcast); checks format,
   // version, metadata and the weights' SHA-256; `name` is the path for messages
+  // An AOTInductor package runs on the CPU (its functions were compiled for it).
   void load(const std::string &bytes, const std::string &name, const torch::Device &device);
+  ~JanusModel();
 
   Evaluation evaluate(const torch::Tensor &species, const torch::Tensor &edge_index,
                       const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
 
   bool loaded() const { return loaded_; }
+  bool compiled() const { return !package_.empty(); }    // an AOTInductor package
   double cutoff() const { return cutoff_; }
   int features() const { return features_; }
   int num_interactions() const { return num_interactions_; }
@@ -65,8 +72,17 @@ class JanusModel {
 
  private:
   torch::Tensor exchange(const torch::Tensor &rows, HaloExchange &halo, bool reverse);
+  void load_package(const std::string &bytes, const std::string &path);
+  void read_metadata(const std::string &text, const std::string &path, const std::string &format, int version);
+  Evaluation evaluate_script(const torch::Tensor &species, const torch::Tensor &edge_index,
+                             const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
+  Evaluation evaluate_package(const torch::Tensor &species, const torch::Tensor &edge_index,
+                              const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
+  std::vector<torch::Tensor> run(const std::string &function, const std::vector<torch::Tensor> &inputs);
 
   torch::jit::Module module_;
+  std::map<std::string, std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> package_;
+  double three_body_cutoff_ = 0.0;
   bool loaded_ = false;
   double cutoff_ = 0.0;
   int num_interactions_ = 0;

@@ -156,12 +156,16 @@ void PairJanus::load_model(const std::string &path)
   }
   if (threads_ > 0) torch::set_num_threads(threads_);
   try {
-    model_.load(bytes, path, janus::choose_device(device_spec_, node_local_rank()));
+    // a compiled package runs on the CPU: `device auto` means the CPU for it
+    const bool package = janus::JanusModel::is_package(bytes);
+    model_.load(bytes, path, package && device_spec_ == "auto" ? torch::Device(torch::kCPU)
+                                                               : janus::choose_device(device_spec_, node_local_rank()));
   } catch (janus::ModelError &e) {
     error->all(FLERR, "Pair janus: {}", e.what());
   }
   if (comm->me == 0)
-    utils::logmesg(lmp, "Pair janus: model {} ({} elements, cutoff {} A) on {}{}\n", path, model_.elements().size(),
+    utils::logmesg(lmp, "Pair janus: {} {} ({} elements, cutoff {} A) on {}{}\n",
+                   model_.compiled() ? "compiled package" : "model", path, model_.elements().size(),
                    model_.cutoff(), model_.device().str(),
                    threads_ > 0 ? fmt::format(", {} threads per rank", threads_) : std::string());
   model_path_ = path;

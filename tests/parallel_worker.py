@@ -205,7 +205,10 @@ def calculator_errors(atoms, expected) -> dict:
     }
 
 
-def check_ase_md() -> dict:
+def check_ase_md(model_file: str | None = None) -> dict:
+    """`JanusCalculator(parallel=True)` = the one-process eager calculator through MD, rebuilds
+    and strain; with `model_file` (an exported file or a .pt2 package of `make_model()`) the
+    parallel calculator runs that file."""
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -224,7 +227,7 @@ def check_ase_md() -> dict:
     for name, atoms in (("orthogonal", structures(1, 200)[0]), ("triclinic", structures(2, 150)[1])):
         expected = atoms.copy()
         expected.calc = JanusCalculator(model, device="cpu")
-        calculator = JanusCalculator(model, parallel=True, device=DEVICE)
+        calculator = JanusCalculator(model_file or model, parallel=True, device=DEVICE)
         atoms.calc = calculator
         parallel = calculator._parallel
         record(name, {"model_loaded_twice": float(parallel.module is not calculator.module)})
@@ -320,9 +323,9 @@ def main(argv: list[str]) -> int:
         elif item == "calculator":
             start_distributed()
             results.append(check_calculator())
-        elif item == "ase-md":
+        elif item.startswith("ase-md"):  # ase-md or ase-md:MODEL_FILE
             start_distributed()
-            results.append(check_ase_md())
+            results.append(check_ase_md(item.partition(":")[2] or None))
         elif item == "ase-errors":
             start_distributed()
             results.append(check_ase_errors())
