@@ -3,11 +3,15 @@
 For every system size and model dtype: NVE in LAMMPS (`lmp` / `mpirun -np N lmp`, no plugin
 load line) and `ase.md.verlet.VelocityVerlet` with `JanusCalculator`, both on the same
 structure (examples/lammps/make_structure.py) and the same exported model (`small` preset by
-default, random weights). One OpenMP thread per process (one core per rank). Warm-up steps are
-excluded from the timing; peak memory is the maximum resident set size of each process.
+default, random weights), exported as a TorchScript file and, with `--formats torchscript aoti`,
+as an AOTInductor package (.pt2; its compile time is reported). One OpenMP thread per process
+(one core per rank). Warm-up steps are excluded from the timing; peak memory is the maximum
+resident set size of each process. The "vs ASE" ratio is against ASE with the TorchScript
+file of the same dtype, measured in the same run.
 
     python bench/lammps_md.py --quick
     python bench/lammps_md.py --repeats 7 9 11 --steps 10
+    python bench/lammps_md.py --repeats 14 --ranks 1 --formats torchscript aoti
 
 Prints a table and writes JSON (bench/results/lammps_md.json by default).
 """
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--formats", nargs="+", choices=["torchscript", "aoti"], default=["torchscript"])
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "lammps_md.json"))
     args = parser.parse_args()
     if args.quick:
@@ -138,39 +143,57 @@ def main() -> None:
     sys.path.insert(0, os.path.join(ROOT, "examples", "lammps"))
     from make_structure import write_data
 
-    rows = []
+    rows, compile_seconds = [], {}
     with tempfile.TemporaryDirectory(prefix="janus_bench_") as workdir:
         torch.manual_seed(0)
         model = JanusPotential.from_preset(args.preset)
         models = {}
         for dtype in args.dtypes:
-            models[dtype] = os.path.join(workdir, f"{args.preset}_{dtype}.pt")
-            export_model(model, models[dtype], dtype)
+            for fmt in args.formats:
+                start = time.perf_counter()
+                if fmt == "torchscript":
+                    models[dtype, fmt] = os.path.join(workdir, f"{args.preset}_{dtype}.pt")
+                    export_model(model, models[dtype, fmt], dtype)
+                else:
+                    from janus_potential.aoti import export_aoti
+
+                    models[dtype, fmt] = os.path.join(workdir, f"{args.preset}_{dtype}.pt2")
+                    export_aoti(model, models[dtype, fmt], dtype)
+                    compile_seconds[dtype] = time.perf_counter() - start
+                    print(f"compiled the {dtype} package in {compile_seconds[dtype]:.0f} s", flush=True)
         for repeat in args.repeats:
             data = os.path.join(workdir, f"alloy_{repeat}.data")
             write_data(structure(repeat), data, ELEMENTS)
             for dtype in args.dtypes:
-                runs = [("ase", 1, lambda: run_ase(repeat, models[dtype], args.steps, args.warmup))]
-                runs += [("lammps", ranks, lambda ranks=ranks: run_lammps(data, models[dtype], ranks, args.steps,
-                                                                          args.warmup, workdir)) for ranks in args.ranks]
-                for path, ranks, measure in runs:
-                    row = {"path": path, "ranks": ranks, "dtype": dtype, "preset": args.preset, **measure()}
+                runs = []
+                for fmt in args.formats:
+                    file = models[dtype, fmt]
+                    runs += [("ase", fmt, 1, lambda file=file: run_ase(repeat, file, args.steps, args.warmup))]
+                    runs += [("lammps", fmt, ranks, lambda ranks=ranks, file=file: run_lammps(
+                        data, file, ranks, args.steps, args.warmup, workdir)) for ranks in args.ranks]
+                for path, fmt, ranks, measure in runs:
+                    row = {"path": path, "format": fmt, "ranks": ranks, "dtype": dtype, "preset": args.preset,
+                           **measure()}
                     rows.append(row)
-                    print(f"{row['atoms']:>7} {dtype:>8} {path:>7} x{ranks}  {row['atom_steps_per_s']:10.0f} atom-steps/s"
-                          f"  {row['peak_rss_mb_per_rank']:8.0f} MB/rank", flush=True)
+                    print(f"{row['atoms']:>7} {dtype:>8} {path:>7} {fmt:>11} x{ranks}  "
+                          f"{row['atom_steps_per_s']:10.0f} atom-steps/s  {row['peak_rss_mb_per_rank']:8.0f} MB/rank",
+                          flush=True)
 
-    print(f"\n{'atoms':>7} {'dtype':>8} {'path':>10} {'atom-steps/s':>13} {'vs ASE':>7} {'peak MB/rank':>13} {'kB/atom':>8}")
+    print(f"\n{'atoms':>7} {'dtype':>8} {'path':>10} {'format':>11} {'atom-steps/s':>13} {'vs ASE TS':>9} "
+          f"{'peak MB/rank':>13} {'kB/atom':>8}")
     for row in rows:
-        ase = next(r for r in rows if r["path"] == "ase" and r["atoms"] == row["atoms"] and r["dtype"] == row["dtype"])
+        ase = next(r for r in rows if r["path"] == "ase" and r["atoms"] == row["atoms"] and r["dtype"] == row["dtype"]
+                   and r["format"] == args.formats[0])
         name = "ase" if row["path"] == "ase" else f"lammps x{row['ranks']}"
         total_kb = row["peak_rss_mb_per_rank"] * 1024 * row["ranks"]
-        print(f"{row['atoms']:>7} {row['dtype']:>8} {name:>10} {row['atom_steps_per_s']:13.0f} "
-              f"{row['atom_steps_per_s'] / ase['atom_steps_per_s']:7.2f} {row['peak_rss_mb_per_rank']:13.0f} "
+        print(f"{row['atoms']:>7} {row['dtype']:>8} {name:>10} {row['format']:>11} {row['atom_steps_per_s']:13.0f} "
+              f"{row['atom_steps_per_s'] / ase['atom_steps_per_s']:9.2f} {row['peak_rss_mb_per_rank']:13.0f} "
               f"{total_kb / row['atoms']:8.1f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_per_rank": 1},
-                   "steps": args.steps, "warmup": args.warmup, "rows": rows}, handle, indent=1)
+                   "steps": args.steps, "warmup": args.warmup, "baseline": f"ase {args.formats[0]}",
+                   "package_compile_seconds": compile_seconds, "rows": rows}, handle, indent=1)
     print(f"wrote {args.output}")
 
 
