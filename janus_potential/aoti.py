@@ -19,6 +19,10 @@ T triplets:
     readout(h_owned [O, F], species_owned [O], centre [E], repulsion [E])
         -> atom energies [O], d(sum)/dh_owned [O, F], d(sum)/d repulsion [E]
 
+plus `structure(<the inputs of prepare>) -> atom energies, forces, virial [3, 3], routing
+sums`: a whole ghost-free structure in one function, the fast path of a one-process
+evaluation (`janus_potential.model.evaluate` takes it for one structure without
+`create_graph`), equal to the per-layer sequence with no exchange.
 Layer 0 embeds the species itself (the embedding is not a separate function). A layer's
 vector-Jacobian product recomputes its forward (rematerialisation: the package keeps no
 activations between calls). The readout's Jacobian is block-diagonal (an atom's energy
@@ -61,7 +65,7 @@ from torch import nn
 
 from . import ops
 from .errors import JanusInputError
-from .model import DTYPES, JanusPotential
+from .model import DTYPES, JanusPotential, atom_energies, forces_from_edge_gradient, stress_from_virial
 from .nn.geometry import Geometry, short_edge_triplets
 
 AOTI_FORMAT_VERSION = 2
@@ -78,7 +82,7 @@ def triplets(edge_index: torch.Tensor, edge_vectors: torch.Tensor, three_body_cu
 def function_names(num_interactions: int) -> List[str]:
     """The package's functions, in the order of one evaluation."""
     layers = [f"layer_{l}" for l in range(num_interactions)]
-    return ["prepare", *layers, "readout", *[f"{name}_vjp" for name in reversed(layers)], "prepare_vjp"]
+    return ["prepare", *layers, "readout", *[f"{name}_vjp" for name in reversed(layers)], "prepare_vjp", "structure"]
 
 
 # ------------------------------------------------------------------- the traced functions
@@ -154,6 +158,23 @@ def _readout(model: JanusPotential, h_owned, species_owned, centre, repulsion):
     energies = model.readout(h, species_owned, geometry)
     grad_h, grad_repulsion = _grads([energies.sum()], [h, rep])
     return energies.detach(), grad_h, grad_repulsion
+
+
+def _structure(model: JanusPotential, species, edge_index, edge_vectors, first, second):
+    """A whole ghost-free structure in one function (the fast path of one process)."""
+    vectors = _leaf(edge_vectors)
+    geometry = model.geometry
+    model.prepare = lambda s, ei, ev: geometry(s, ei, ev, (first, second))
+    try:
+        energies, routing = atom_energies(model, species, edge_index, vectors)
+    finally:
+        del model.prepare
+    (gradient,) = _grads([energies.sum()], [vectors])
+    forces = forces_from_edge_gradient(gradient, edge_index, species.shape[0])
+    # one structure: the virial is a sum over edges (no index_add into a [1, 3, 3] tensor)
+    virial = -(vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)).sum(dim=0)
+    return (energies.detach(), forces, 0.5 * (virial + virial.transpose(0, 1)), routing.probability_sum.detach(),
+            routing.expert_load.detach())
 
 
 class _Traced(nn.Module):
@@ -257,6 +278,7 @@ def export_aoti(model: JanusPotential, path: str | os.PathLike, dtype: str = "fl
         "prepare": (_prepare, prepare_inputs, prepare_dims),
         "prepare_vjp": (_prepare_vjp, prepare_inputs + (radial, envelope, triplet_basis, repulsion),
                         prepare_dims + cotangent_dims),
+        "structure": (_structure, prepare_inputs, prepare_dims),
         "readout": (_readout, (h_owned, species_owned, centre.clone(), repulsion),
                     ({0: owned}, {0: owned}, {0: edges}, {0: edges})),
     }
@@ -358,6 +380,21 @@ class PackagedPotential(nn.Module):
         if small:
             raise JanusInputError(f"the compiled package needs at least {MIN_SIZE} atoms, edges and triplets; this "
                                   f"structure has {', '.join(small)}: use the TorchScript export for it")
+
+    def evaluate_structure(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                           volume: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """`janus_potential.model.evaluate` of one ghost-free structure in one call of the
+        `structure` function (its fast path for packages): energy [1] (float64), atom
+        energies, forces, virial [1, 3, 3], routing sums and, given the volume, stress."""
+        first, second = triplets(edge_index, edge_vectors, self.three_body_cutoff)
+        self._check({"atoms": species.shape[0], "edges": edge_index.shape[1], "triplets": first.shape[0]})
+        energies, forces, virial, probability_sum, load = self._run("structure")(
+            species, edge_index, edge_vectors.detach(), first, second)
+        out = {"energy": energies.to(torch.float64).sum().reshape(1), "atom_energies": energies, "forces": forces,
+               "virial": virial.unsqueeze(0), "router_probability_sum": probability_sum, "expert_load": load}
+        if volume is not None:
+            out["stress"] = stress_from_virial(out["virial"], volume)
+        return out
 
     # the layer sequence of JanusPotential (model.py), on the package's functions
     def prepare(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> Geometry:

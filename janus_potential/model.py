@@ -134,6 +134,9 @@ def evaluate(model, species: torch.Tensor, edge_index: torch.Tensor, edge_vector
     respect to the edge vectors, and the MoE routing sums ([L, E]: `router_probability_sum`,
     `expert_load`). `model`: a `JanusPotential` or an exported one; `head` [G]: the output
     head of each structure of a multi-head model (None: head 0)."""
+    structure = getattr(model, "evaluate_structure", None)  # a compiled package's one-structure function
+    if structure is not None and num_graphs == 1 and head is None and not create_graph:
+        return structure(species, edge_index, edge_vectors, volumes)
     if (compute_forces or compute_virial) and not edge_vectors.requires_grad:
         edge_vectors = edge_vectors.detach().requires_grad_(True)
     atom_head = head.index_select(0, batch) if head is not None else None

@@ -1,6 +1,7 @@
 """`janus export --format aoti` (janus_potential/aoti.py): the per-layer AOTInductor package
 equals the eager model (float64, 1e-10) in ASE on one process (structures of other sizes
-than the one it was traced with, periodic and free, through MD steps), in the parallel ASE
+than the one it was traced with, periodic and free, through MD steps; its one-structure
+function and its per-layer sequence), in the parallel ASE
 calculator on 2 MPI ranks (the halo protocol, through MD, rebuilds and strain), and in
 LAMMPS (`pair_style janus` loading the .pt2) on 1 and 2 ranks; the package's limits and a
 wrong file are clear errors. The reference is the eager model in the one-process calculator;
@@ -46,6 +47,20 @@ def test_package_equals_the_eager_model_in_ase(package):
     for atoms in (random_structure(["Mg", "Al", "O", "O"], 24, seed=1), random_structure(["Li", "Mg", "O"], 41, seed=5),
                   random_structure(["Li", "O"], 12, seed=2, pbc=False)):
         assert_calculators_match(eager, compiled, atoms, rtol=1e-10, stress=bool(atoms.pbc.all()))
+    # the per-layer sequence on one process (ghost-free: two padding ghost rows), which the
+    # calculator's one-structure fast path (the package's `structure` function) does not run
+    import torch
+
+    from janus_potential.graph import build_graph
+    from janus_potential.model import atom_energies
+
+    graph = build_graph(random_structure(["Li", "Mg", "O"], 41, seed=5), model.cutoff, dtype=torch.float64)
+    gradients = []
+    for module in (model, compiled.module):
+        vectors = graph.edge_vectors().detach().requires_grad_(True)
+        energies, _ = atom_energies(module, graph.species, graph.edge_index, vectors)
+        gradients.append((energies.detach(), torch.autograd.grad([energies.sum()], [vectors])[0]))
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-10, atol=1e-12)
     # MD: the package follows the eager trajectory step by step
     trajectories = []
     for calculator in (eager, compiled):
