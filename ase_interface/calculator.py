@@ -19,7 +19,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from janus_potential.aoti import PackagedPotential
-from janus_potential.devices import on_device, rank_device, resolve_device
+from janus_potential.devices import keep_freed_memory, on_device, rank_device, resolve_device
 from janus_potential.parallel.mesh import local_rank
 from janus_potential.precision import apply_precision
 from janus_potential.errors import JanusInputError
@@ -46,6 +46,7 @@ class JanusCalculator(Calculator):
         `parallel=True` each rank takes the GPU of its node-local rank. `precision`: "float32"
         (the model's dtype), "tf32" or "bf16" (`janus_potential.precision`)."""
         super().__init__(**kwargs)
+        keep_freed_memory()  # large temporaries reuse heap pages (janus_potential.devices)
         self.device = resolve_device(device) if not parallel else rank_device(device, local_rank())
         loaded = load_for_inference(model)
         if isinstance(loaded.module, PackagedPotential) and (self.device.type != "cpu" or precision != "float32"):

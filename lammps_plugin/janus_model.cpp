@@ -10,6 +10,8 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +77,20 @@ std::string first_line(const std::string &what)
 }
 
 }    // namespace
+
+bool keep_freed_memory()
+{
+#if defined(__GLIBC__) && defined(M_MMAP_MAX)
+  const char *setting = std::getenv("JANUS_MALLOC");
+  if (setting && std::string(setting) == "system") return false;
+  for (const char *own : {"MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"})
+    if (std::getenv(own)) return false;
+  // M_TRIM_THRESHOLD takes an int; glibc stores it as size_t, so -1 means "never trim"
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1;
+#else
+  return false;
+#endif
+}
 
 torch::Device choose_device(const std::string &spec, int local_rank)
 {
@@ -149,6 +165,7 @@ void JanusModel::load(const std::string &bytes, const std::string &path, const t
 {
   loaded_ = false;
   package_.clear();
+  keep_freed_memory();
   if (is_package(bytes)) {
     if (device.type() != torch::kCPU)
       throw ModelError(path + " is an AOTInductor package compiled for the CPU: use `device cpu` (or auto) with it, "

@@ -44,6 +44,14 @@ struct Evaluation {
 
 int atomic_number(const std::string &symbol);    // 0 for an unknown symbol
 
+// Keep freed memory in the process's heap (glibc: no mmap for large blocks, no trimming), so
+// that an evaluation's large temporaries reuse pages instead of faulting fresh zeroed ones
+// from the kernel each step (measured: half of a 10,976-atom step was system time). Skipped
+// when JANUS_MALLOC=system or the user set MALLOC_MMAP_MAX_ / MALLOC_MMAP_THRESHOLD_ /
+// MALLOC_TRIM_THRESHOLD_ (glibc's own variables). Returns whether it changed the settings.
+// janus_potential.devices.keep_freed_memory is the Python twin.
+bool keep_freed_memory();
+
 // "auto" (CUDA when visible, else the CPU), "cpu", "cuda" or "cuda:N"; a bare CUDA device is
 // the GPU of the node-local rank (ranks of a node may share one GPU). Throws ModelError.
 torch::Device choose_device(const std::string &spec, int local_rank);
