@@ -7,11 +7,13 @@ default, random weights), exported as a TorchScript file and, with `--formats to
 as an AOTInductor package (.pt2; its compile time is reported). One OpenMP thread per process
 (one core per rank). Warm-up steps are excluded from the timing; peak memory is the maximum
 resident set size of each process. The "vs ASE" ratio is against ASE with the TorchScript
-file of the same dtype, measured in the same run.
+file of the same dtype, measured in the same run. `--malloc auto system` runs every case with
+freed memory kept in the heap (JANUS_MALLOC=auto, what the front ends do) and with glibc's
+default (JANUS_MALLOC=system); the baseline is the first setting.
 
     python bench/lammps_md.py --quick
     python bench/lammps_md.py --repeats 7 9 11 --steps 10
-    python bench/lammps_md.py --repeats 14 --ranks 1 --formats torchscript aoti
+    python bench/lammps_md.py --repeats 14 --ranks 1 --formats torchscript aoti --malloc auto system
 
 Prints a table and writes JSON (bench/results/lammps_md.json by default).
 """
@@ -56,9 +58,12 @@ PEAK_RSS_WRAPPER = (
 )
 
 
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+def environment(malloc: str = "auto") -> dict[str, str]:
+    """One thread, passive OpenMP waits, and JANUS_MALLOC=`malloc` ("auto": the front ends keep
+    freed memory in the heap, janus_potential.devices.keep_freed_memory; "system": glibc's
+    default), without the Makefile's malloc variables (they would turn "auto" off)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", JANUS_MALLOC=malloc)
     return env
 
 
@@ -69,14 +74,14 @@ def structure(repeat: int):
     return alloy(repeat)
 
 
-def run_lammps(data: str, model: str, ranks: int, steps: int, warmup: int, workdir: str) -> dict:
+def run_lammps(data: str, model: str, ranks: int, steps: int, warmup: int, workdir: str, malloc: str) -> dict:
     script = os.path.join(workdir, "in.bench")
     with open(script, "w") as handle:
         handle.write(LAMMPS_INPUT.format(data=data, model=model, elements=" ".join(ELEMENTS), steps=steps, warmup=warmup))
     command = [sys.executable, "-c", PEAK_RSS_WRAPPER, os.path.join(BIN, "lmp"), "-in", script, "-log", "none"]
     if ranks > 1:
         command = [os.path.join(BIN, "mpirun"), "-np", str(ranks), *command]
-    result = subprocess.run(command, cwd=workdir, env=environment(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=workdir, env=environment(malloc), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"LAMMPS failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     loops = re.findall(r"Loop time of ([0-9.eE+-]+) on (\d+) procs for (\d+) steps with (\d+) atoms", result.stdout)
@@ -108,9 +113,9 @@ def ase_worker(repeat: int, model: str, steps: int, warmup: int) -> None:
                       "peak_rss_mb_per_rank": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
 
 
-def run_ase(repeat: int, model: str, steps: int, warmup: int) -> dict:
+def run_ase(repeat: int, model: str, steps: int, warmup: int, malloc: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--ase-worker", str(repeat), model, str(steps), str(warmup)]
-    result = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    result = subprocess.run(command, env=environment(malloc), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ASE run failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -130,6 +135,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--formats", nargs="+", choices=["torchscript", "aoti"], default=["torchscript"])
+    parser.add_argument("--malloc", nargs="+", choices=["auto", "system"], default=["auto"],
+                        help="JANUS_MALLOC settings to run (auto: freed memory kept in the heap; system: glibc default)")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "lammps_md.json"))
     args = parser.parse_args()
     if args.quick:
@@ -166,33 +173,36 @@ def main() -> None:
             write_data(structure(repeat), data, ELEMENTS)
             for dtype in args.dtypes:
                 runs = []
-                for fmt in args.formats:
-                    file = models[dtype, fmt]
-                    runs += [("ase", fmt, 1, lambda file=file: run_ase(repeat, file, args.steps, args.warmup))]
-                    runs += [("lammps", fmt, ranks, lambda ranks=ranks, file=file: run_lammps(
-                        data, file, ranks, args.steps, args.warmup, workdir)) for ranks in args.ranks]
-                for path, fmt, ranks, measure in runs:
-                    row = {"path": path, "format": fmt, "ranks": ranks, "dtype": dtype, "preset": args.preset,
-                           **measure()}
+                for malloc in args.malloc:
+                    for fmt in args.formats:
+                        file = models[dtype, fmt]
+                        runs += [("ase", fmt, malloc, 1, lambda file=file, malloc=malloc: run_ase(
+                            repeat, file, args.steps, args.warmup, malloc))]
+                        runs += [("lammps", fmt, malloc, ranks, lambda ranks=ranks, file=file, malloc=malloc: run_lammps(
+                            data, file, ranks, args.steps, args.warmup, workdir, malloc)) for ranks in args.ranks]
+                for path, fmt, malloc, ranks, measure in runs:
+                    row = {"path": path, "format": fmt, "malloc": malloc, "ranks": ranks, "dtype": dtype,
+                           "preset": args.preset, **measure()}
                     rows.append(row)
-                    print(f"{row['atoms']:>7} {dtype:>8} {path:>7} {fmt:>11} x{ranks}  "
+                    print(f"{row['atoms']:>7} {dtype:>8} {malloc:>6} {path:>7} {fmt:>11} x{ranks}  "
                           f"{row['atom_steps_per_s']:10.0f} atom-steps/s  {row['peak_rss_mb_per_rank']:8.0f} MB/rank",
                           flush=True)
 
-    print(f"\n{'atoms':>7} {'dtype':>8} {'path':>10} {'format':>11} {'atom-steps/s':>13} {'vs ASE TS':>9} "
-          f"{'peak MB/rank':>13} {'kB/atom':>8}")
-    for row in rows:
+    print(f"\n{'atoms':>7} {'dtype':>8} {'malloc':>6} {'path':>10} {'format':>11} {'atom-steps/s':>13} "
+          f"{'vs ASE TS':>9} {'peak MB/rank':>13} {'kB/atom':>8}")
+    for row in rows:  # the baseline: ASE with the first format and the first malloc setting, same size and dtype
         ase = next(r for r in rows if r["path"] == "ase" and r["atoms"] == row["atoms"] and r["dtype"] == row["dtype"]
-                   and r["format"] == args.formats[0])
+                   and r["format"] == args.formats[0] and r["malloc"] == args.malloc[0])
         name = "ase" if row["path"] == "ase" else f"lammps x{row['ranks']}"
         total_kb = row["peak_rss_mb_per_rank"] * 1024 * row["ranks"]
-        print(f"{row['atoms']:>7} {row['dtype']:>8} {name:>10} {row['format']:>11} {row['atom_steps_per_s']:13.0f} "
+        print(f"{row['atoms']:>7} {row['dtype']:>8} {row['malloc']:>6} {name:>10} {row['format']:>11} "
+              f"{row['atom_steps_per_s']:13.0f} "
               f"{row['atom_steps_per_s'] / ase['atom_steps_per_s']:9.2f} {row['peak_rss_mb_per_rank']:13.0f} "
               f"{total_kb / row['atoms']:8.1f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads_per_rank": 1},
-                   "steps": args.steps, "warmup": args.warmup, "baseline": f"ase {args.formats[0]}",
+                   "steps": args.steps, "warmup": args.warmup, "baseline": f"ase {args.formats[0]} malloc {args.malloc[0]}",
                    "package_compile_seconds": compile_seconds, "rows": rows}, handle, indent=1)
     print(f"wrote {args.output}")
 
