@@ -171,7 +171,10 @@ def main() -> None:
         preset, system, n, md, evals, package = args.case.split(",")
         print(json.dumps(run_case(preset, system, int(n), int(md), int(evals), package)))
         return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    # the calculator keeps freed memory in the heap (janus_potential.devices.keep_freed_memory);
+    # the Makefile's glibc variables would turn that off, so the cases run without them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(OMP_WAIT_POLICY="PASSIVE")
     packages, compile_s = {}, {}
     if "aoti" in args.formats:
         import torch
