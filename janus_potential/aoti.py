@@ -323,16 +323,15 @@ class _Function(torch.autograd.Function):
     """One compiled function with its VJP function as backward (first derivatives only)."""
 
     @staticmethod
-    def forward(ctx, run, vjp, n_outputs: int, n_differentiable: int, inputs: tuple, *tensors):
+    def forward(ctx, run, vjp, n_outputs: int, *tensors):
+        """`run(*tensors)`'s first `n_outputs` outputs; `vjp(tensors, cotangents)` gives one
+        gradient (or None) per tensor."""
         ctx.vjp, ctx.inputs = vjp, tensors
-        ctx.n_differentiable = n_differentiable
-        outputs = run(*tensors)
-        return tuple(outputs[:n_outputs])
+        return tuple(run(*tensors)[:n_outputs])
 
     @staticmethod
     def backward(ctx, *cotangents):
-        grads = ctx.vjp(ctx.inputs, cotangents)
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, *ctx.vjp(ctx.inputs, cotangents))
 
 
 class PackagedPotential(nn.Module):
@@ -406,7 +405,7 @@ class PackagedPotential(nn.Module):
             zeros = [c if c is not None else torch.zeros_like(o) for c, o in zip(cotangents, out)]
             return (None, None, prepare_vjp(*inputs, *zeros)[0], None, None)
 
-        out = _Function.apply(self._run("prepare"), vjp, 4, 1, None, species, edge_index, edge_vectors, first, second)
+        out = _Function.apply(self._run("prepare"), vjp, 4, species, edge_index, edge_vectors, first, second)
         centre, neighbour = edge_index[0], edge_index[1]
         return Geometry(centre=centre, neighbour=neighbour, radial=out[0], envelope=out[1], triplet_edge=first,
                         triplet_neighbour=neighbour.index_select(0, second), triplet_basis=out[2], repulsion=out[3])
@@ -436,7 +435,7 @@ class PackagedPotential(nn.Module):
             node = (None, None) if index == 0 else (grads[0][:owned], grads[0][owned:])
             return (*node, None, None, None, float_grads[0], float_grads[1], None, None, float_grads[2])
 
-        out, probability_sum, load = _Function.apply(self._run(f"layer_{index}"), vjp, 3, 1, None, x_owned, x_ghost,
+        out, probability_sum, load = _Function.apply(self._run(f"layer_{index}"), vjp, 3, x_owned, x_ghost,
                                                       species[:owned], *layer_geometry)
         return (out[:n_all] if pad else out), probability_sum, load
 
@@ -453,5 +452,5 @@ class PackagedPotential(nn.Module):
             g = cotangents[0]
             return (cached["h"] * g.unsqueeze(1), None, None, cached["repulsion"] * g.index_select(0, centre))
 
-        (energies,) = _Function.apply(run, vjp, 1, 1, None, h, species, centre, geometry.repulsion)
+        (energies,) = _Function.apply(run, vjp, 1, h, species, centre, geometry.repulsion)
         return energies
