@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -300,12 +298,7 @@ def export_aoti(model: JanusPotential, path: str | os.PathLike, dtype: str = "fl
         files[name] = _compile(exported, body, inputs, dims, options)
     tmp = f"{os.fspath(path)}.tmp.pt2"
     package_aoti(tmp, files)
-    os.replace(tmp, path)
-    for name in files:  # the compiled files were copied into the archive
-        directories = {os.path.dirname(f) for f in files[name] if isinstance(f, str)}
-        for directory in directories:
-            if directory.startswith(tempfile.gettempdir()) and os.path.isdir(directory):
-                shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, path)  # the compiled files stay in inductor's cache directory, which it manages
     return metadata
 
 
