@@ -82,7 +82,7 @@ def worker(kind: str, steps: int, atoms_per_rank: int = 0, balance_steps: int = 
     from janus_potential import JanusPotential
     from janus_potential.graph import batch_graphs, build_graph
     from janus_potential.parallel.domain import DomainModel
-    from janus_potential.parallel.expert import AllToAll, is_expert_shard, shard_experts
+    from janus_potential.parallel.expert import ExchangeStats, is_expert_shard, shard_experts
     from janus_potential.parallel.mesh import ProcessMesh, init_distributed
     from janus_potential.testing import random_structure
     from janus_potential.training.distributed import GradientReducer, split_by_atoms
@@ -133,8 +133,8 @@ def worker(kind: str, steps: int, atoms_per_rank: int = 0, balance_steps: int = 
         optimizer.step()
 
     def counters() -> tuple[float, float]:
-        seconds = sum(r.seconds for r in reducers) + AllToAll.seconds
-        sent = sum(r.bytes * (2 * (world - 1) / world) for r in reducers) + AllToAll.bytes_sent
+        seconds = sum(r.seconds for r in reducers) + ExchangeStats.seconds
+        sent = sum(r.bytes * (2 * (world - 1) / world) for r in reducers) + ExchangeStats.bytes_sent
         if kind == "dd":
             seconds += domain_model.plan.seconds[0]
             sent += domain_model.plan.bytes_sent[0]

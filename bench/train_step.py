@@ -15,7 +15,14 @@ the load-balancing loss, the parameter gradient); the eager rows also split it i
 forward, force and backward phases (of `one_step`, the same operations).
 
     python bench/train_step.py [--quick] [--presets tiny small base] [--no-compile]
-Writes bench/results/train_step.json.
+    python bench/train_step.py --ep 2 --presets small      # expert parallelism, eager and compiled
+Writes bench/results/train_step.json (`--ep N`: train_step_ep<N>.json).
+
+`--ep N` runs the same trainer step under `mpirun -np N` (one thread per rank) with the experts
+of every layer sharded over the N ranks (parallel/expert.py) and the global batch split over
+them by atoms, eager and compiled (the expert exchanges inside the compiled graph), the dense
+gradients summed over the ranks as the trainer does; a rank's step time is reported per row
+(the slowest rank's median).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,10 +59,13 @@ def matmul_rate(size: int = 1024, seconds: float = 2.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
+def training_structures(n_structures: int) -> list:
+    return [random_structure(["Li", "Mg", "Al", "Si", "O", "O"], 24 + 4 * (k % 5), seed=k, density=0.07)
+            for k in range(n_structures)]
+
+
 def training_batch(n_structures: int, cutoff: float):
-    structures = [random_structure(["Li", "Mg", "Al", "Si", "O", "O"], 24 + 4 * (k % 5), seed=k, density=0.07)
-                  for k in range(n_structures)]
-    return batch_graphs([build_graph(s, cutoff) for s in structures])
+    return batch_graphs([build_graph(s, cutoff) for s in training_structures(n_structures)])
 
 
 def one_step(model, graph, timings: dict | None = None):
@@ -161,6 +173,85 @@ def bench_preset(preset: str, n_structures: int, steps: int, peak_rate: float, f
     }
 
 
+def ep_worker(preset: str, n_structures: int, steps: int, compile: bool) -> dict:
+    """One rank of the `--ep` benchmark (module docstring)."""
+    import torch.distributed as dist
+
+    from janus_potential.parallel.expert import ExchangeStats, is_expert_shard, shard_experts
+    from janus_potential.parallel.mesh import ProcessMesh, init_distributed
+    from janus_potential.training.compiled import CompiledStep
+    from janus_potential.training.config import LossConfig
+    from janus_potential.training.distributed import GradientReducer, split_by_atoms
+
+    torch.set_num_threads(1)
+    _, world = init_distributed()
+    mesh = ProcessMesh.create(1, world, 1)
+    torch.manual_seed(0)
+    model = shard_experts(JanusPotential.from_preset(preset), mesh.ep_group)
+    reducer = GradientReducer([p for p in model.parameters() if not is_expert_shard(p)], mesh.dense_grad_group)
+    structures = training_structures(n_structures)
+    mine = split_by_atoms(list(range(len(structures))), [len(s) for s in structures], world)[mesh.rank]
+    graph = batch_graphs([build_graph(structures[k], model.cutoff) for k in mine])
+    batch = labelled_batch(graph)
+    config = LossConfig()
+    compiled = CompiledStep(model, config) if compile else None
+
+    def step() -> None:
+        trainer_step(model, batch, config, compiled)
+        reducer.finish()
+
+    start = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - start
+    step()
+    dist.barrier()
+    seconds0, times = ExchangeStats.seconds, []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    record = {"rank": mesh.rank, "step_s": float(np.median(times)), "first_step_s": first_s,
+              "exchange_s": (ExchangeStats.seconds - seconds0) / steps, "atoms": int(graph.num_atoms.sum())}
+    records = [None] * world
+    dist.all_gather_object(records, record)
+    dist.destroy_process_group()
+    return {"preset": preset, "ranks": world, "compiled": compile, "per_rank": records}
+
+
+def bench_ep(presets: list, ranks: int, n_structures: int, steps: int) -> None:
+    """`--ep`: every preset eager and compiled on `ranks` expert-parallel ranks (module docstring)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    mpirun = Path(sys.executable).parent / "mpirun"
+    rows = []
+    for preset in presets:
+        for compile in (False, True):
+            command = [str(mpirun), "-np", str(ranks), sys.executable, __file__, "--ep-worker", preset,
+                       "--structures", str(n_structures), "--steps", str(steps)] + (["--compile"] if compile else [])
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                raise RuntimeError(f"ep worker failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+            result = json.loads(lines[0][len("RESULT "):])
+            result["step_s"] = max(r["step_s"] for r in result["per_rank"])
+            result["atoms_per_batch"] = sum(r["atoms"] for r in result["per_rank"])
+            result["atoms_per_s"] = result["atoms_per_batch"] / result["step_s"]
+            rows.append(result)
+    print(f"{'preset':>6} {'ranks':>5} {'path':>8} {'atoms':>6} {'step s':>8} {'x eager':>8} {'atoms/s':>8} "
+          f"{'exchange s':>10} {'first step s':>12}")
+    for r in rows:
+        eager = next(b for b in rows if b["preset"] == r["preset"] and not b["compiled"])
+        r["speedup_vs_eager"] = eager["step_s"] / r["step_s"]
+        print(f"{r['preset']:>6} {r['ranks']:>5} {'compiled' if r['compiled'] else 'eager':>8} "
+              f"{r['atoms_per_batch']:>6} {r['step_s']:8.3f} {r['speedup_vs_eager']:8.2f} {r['atoms_per_s']:8.0f} "
+              f"{max(p['exchange_s'] for p in r['per_rank']):10.4f} {max(p['first_step_s'] for p in r['per_rank']):12.1f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": {"cpus": os.cpu_count(), "threads_per_rank": 1, "platform": platform.platform()},
+           "command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "rows": rows}
+    path = RESULTS / f"train_step_ep{ranks}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
@@ -168,8 +259,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (compiling takes minutes)")
+    parser.add_argument("--ep", type=int, default=0, help="expert parallelism on this many ranks (mpirun)")
+    parser.add_argument("--ep-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
+    if args.ep_worker:
+        result = ep_worker(args.ep_worker, args.structures, steps, args.compile)
+        if int(os.environ.get("PMI_RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.ep:
+        bench_ep(args.presets, args.ep, args.structures, steps)
+        return
     peak = matmul_rate(seconds=1.0 if args.quick else 3.0)
     print(f"fp32 matmul rate (1024x1024, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
     from janus_potential import ops

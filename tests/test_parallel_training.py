@@ -300,13 +300,17 @@ def test_finetuning_and_heads_on_two_ranks_equal_one_process(finetune_config, tm
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_compiled_training_equals_eager_on_one_process_and_two_data_ranks(train_config, tmp_path):
-    """`run.compile: true` (training/compiled.py), one process and dp=2 under mpirun, against
-    the eager one-process run: model, EMA and AdamW moments after 3 steps (float64, 1e-10)."""
+def test_compiled_training_equals_eager_on_one_process_and_two_data_or_expert_ranks(train_config, tmp_path):
+    """`run.compile: true` (training/compiled.py), one process, dp=2 and ep=2 under mpirun
+    (ep: the experts' all-to-all exchanges and their first and second derivatives inside the
+    compiled graph), against the eager one-process run: model, EMA and AdamW moments after 3
+    steps (float64, 1e-10)."""
     janus_train(train_config, 1, f"run.output={tmp_path / 'eager'}")
     janus_train(train_config, 1, f"run.output={tmp_path / 'compiled'}", "run.compile=true")
     janus_train(train_config, 2, f"run.output={tmp_path / 'compiled2'}", "run.compile=true")
+    janus_train(train_config, 2, f"run.output={tmp_path / 'compiled_ep'}", "run.compile=true", layout=(1, 2, 1))
     assert_same_training_state(tmp_path / "compiled", tmp_path / "eager")
     assert_same_training_state(tmp_path / "compiled2", tmp_path / "eager")
+    assert_same_training_state(tmp_path / "compiled_ep", tmp_path / "eager")
     log = [line for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if "compiles" in line]
     assert log, "the compiled run logs its compile count"

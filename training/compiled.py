@@ -21,7 +21,14 @@ What stays outside the graph is what has data-dependent sizes or needs the other
   species before the step (`expert_loads`), sums them over the ranks, and passes the
   balance loss's coefficients E * f_e / atoms as an input (the loss is linear in the router
   probabilities),
-* the loss ratios of the data-parallel split (label counts summed over the ranks).
+* the loss ratios of the data-parallel split (label counts summed over the ranks),
+* with expert parallelism, each sharded layer's dispatch plan (`parallel.expert.ExpertPlan`:
+  every atom's experts, the slots sent to and received from each rank, the local expert of
+  each received row), made from the species before the step by exchanging the counts; the
+  exchange of the rows themselves is an operator (`all_to_all_op`) inside the graph, its
+  backward the same exchange reversed, so the graph holds the dispatch, the combine and their
+  first and second derivatives. Every rank traces and compiles its own graph (no collective
+  runs while tracing: the operator's shape function only reads the plan's sizes).
 
 Sizes (atoms, edges, triplets, structures) stay symbols: a new batch shape reuses the
 graph. `make_fx` records what it assumed about the symbols (the ShapeEnv's guards, e.g.
@@ -32,9 +39,9 @@ them.
 
 Exactness: tests/test_compiled.py checks compiled = eager for energies, forces, stress and
 every parameter gradient (float64 1e-10), and a compiled `janus train` run (one process and
-dp=2) against the eager one. Domain decomposition and expert parallelism stay eager: their
-halo and all-to-all exchanges are collectives inside the model, which the traced graph
-cannot hold; `run.compile` refuses them with a clear error.
+dp=2 and ep=2) against the eager one. Domain decomposition stays eager: its halo exchange
+sits between the layers of a per-structure decomposition whose sizes are built inside the
+model; `run.compile` refuses `parallel.dd > 1` with a clear error.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from janus_potential.errors import JanusInputError
 from janus_potential.graph import AtomGraph
+from janus_potential.parallel.expert import ExpertParallelMoE, ExpertPlan, expert_plans, ordered_exchanges
 
 from .config import LossConfig
 from .data import Batch
@@ -63,9 +71,6 @@ def check_compilable(model: nn.Module) -> None:
     """A clear error for models the compiled step cannot trace."""
     for layer in getattr(model, "layers", []):
         moe = layer.moe
-        if not hasattr(moe, "dispatch_block"):
-            raise JanusInputError("run.compile does not support expert parallelism (parallel.ep > 1): "
-                                  "set run.compile: false")
         if moe.router_uses_features:
             raise JanusInputError("run.compile needs element-only routing (model router_uses_features: false): "
                                   "set run.compile: false")
@@ -112,7 +117,8 @@ class _Step(nn.Module):
 
     def forward(self, params: List[torch.Tensor], buffers: List[torch.Tensor], tensors: Dict[str, torch.Tensor],
                 triplets: Tuple[torch.Tensor, torch.Tensor], ratios: torch.Tensor,
-                coefficients: torch.Tensor) -> Tuple[Any, ...]:
+                coefficients: torch.Tensor, plans: List[Tuple[torch.Tensor, ...]],
+                token: torch.Tensor) -> Tuple[Any, ...]:
         model, config = self.model, self.config
         names = self.trainable
         params = [p.detach().requires_grad_(True) for p in params]
@@ -124,23 +130,32 @@ class _Step(nn.Module):
             # the geometry of the traced graph takes the triplets computed outside it
             model.prepare = lambda species, edge_index, edge_vectors: geometry(species, edge_index, edge_vectors,
                                                                                triplets)
-            try:
-                prediction = model.compute(batch.graph, compute_virial=self.compute_virial, create_graph=True,
-                                           head=batch.head)
-            finally:
-                del model.prepare
-            terms = loss_terms(prediction, batch, config)
-            total = ratios[0] * config.energy_weight * terms["energy"] + ratios[1] * config.forces_weight * terms["forces"]
-            if "stress" in terms:
-                total = total + ratios[2] * config.stress_weight * terms["stress"]
-            probability_sum = prediction["router_probability_sum"]
-            balance = (coefficients.to(probability_sum.dtype) * probability_sum).sum()
-            grads = torch.autograd.grad(total + config.balance_weight * balance, params, allow_unused=True)
+            # expert parallelism: each sharded layer takes its dispatch plan from the inputs
+            sharded = [layer.moe for layer in model.layers if isinstance(layer.moe, ExpertParallelMoE)]
+            for moe, plan in zip(sharded, plans):
+                moe.plan = ExpertPlan(*plan)
+            # every exchange of the step (forward, force pass, parameter gradient) in one chain
+            with ordered_exchanges(token) as order:
+                try:
+                    prediction = model.compute(batch.graph, compute_virial=self.compute_virial, create_graph=True,
+                                               head=batch.head)
+                finally:
+                    del model.prepare
+                    for moe in sharded:
+                        moe.plan = None
+                terms = loss_terms(prediction, batch, config)
+                total = (ratios[0] * config.energy_weight * terms["energy"]
+                         + ratios[1] * config.forces_weight * terms["forces"])
+                if "stress" in terms:
+                    total = total + ratios[2] * config.stress_weight * terms["stress"]
+                probability_sum = prediction["router_probability_sum"]
+                balance = (coefficients.to(probability_sum.dtype) * probability_sum).sum()
+                grads = torch.autograd.grad(total + config.balance_weight * balance, params, allow_unused=True)
         self.unused = [g is None for g in grads]
         values = torch.stack([terms["energy"], terms["forces"], terms.get("stress", torch.zeros_like(terms["energy"])),
                               balance.to(terms["energy"].dtype)]).detach()
         return (values, probability_sum.detach(), prediction["forces"].detach(),
-                [g for g in grads if g is not None])
+                [g for g in grads if g is not None], order.token)
 
 
 class CompiledStep:
@@ -169,7 +184,8 @@ class CompiledStep:
         triplets = self.model.geometry.triplets(graph.edge_index, graph.edge_vectors().detach())
         params = [p.detach() for _, p in self._trainable()]
         buffers = [b for _, b in self.model.named_buffers()]
-        return (params, buffers, _flatten(batch), triplets, ratios, coefficients)
+        plans = [tuple(plan) for plan in expert_plans(self.model, graph.species)]
+        return (params, buffers, _flatten(batch), triplets, ratios, coefficients, plans, torch.zeros(1))
 
     def _key(self, batch: Batch, compute_virial: bool) -> tuple:
         return (compute_virial, tuple(sorted(_flatten(batch))), tuple(name for name, _ in self._trainable()),
@@ -248,9 +264,9 @@ class CompiledStep:
             entry = self._trace(key, args, compute_virial)
         start = time.perf_counter()
         if entry["compiled"]:
-            values, probability_sum, forces, grads = entry["function"](*args)
+            values, probability_sum, forces, grads, _ = entry["function"](*args)
         else:
-            values, probability_sum, forces, grads = self._first_call(entry, args)
+            values, probability_sum, forces, grads, _ = self._first_call(entry, args)
         if not entry["compiled"]:  # the first call of a graph compiles it
             entry["compiled"] = True
             self.compiles += 1

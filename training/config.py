@@ -229,7 +229,7 @@ class RunConfig:
     # expert and readout MLPs); janus_potential.precision. tf32/bf16 need dtype float32
     precision: str = "float32"
     # the compiled training step (training/compiled.py): evaluation, loss and parameter gradient
-    # traced into one graph and compiled; data parallelism only (dd and ep stay eager)
+    # traced into one graph and compiled; data and expert parallelism (dd stays eager)
     compile: bool = False
     log_every: int = 10
     checkpoint_every: int = 100
@@ -326,9 +326,9 @@ class TrainConfig:
             raise JanusInputError(f"config key run.precision={self.run.precision} needs run.dtype float32 "
                                   f"(got {self.run.dtype})")
         if self.run.compile:
-            if self.parallel.dd > 1 or self.parallel.ep > 1:
-                raise JanusInputError("run.compile works with data parallelism only: parallel.dd and parallel.ep "
-                                      "must be 1 (set run.compile: false)")
+            if self.parallel.dd > 1:
+                raise JanusInputError("run.compile works with data and expert parallelism, not with domain "
+                                      "decomposition: parallel.dd must be 1 (set run.compile: false)")
             if self.run.precision != "float32":
                 raise JanusInputError(f"run.compile needs run.precision float32 (got {self.run.precision})")
         if not (self.optim.max_steps or self.optim.epochs):

@@ -121,7 +121,7 @@ class Trainer:
         self.tensorboard = self._tensorboard() if run.tensorboard and self.is_main else None
         self.reducers = gradient_reducers(self.model, self.mesh, parallel.bucket_mb, self.shards)
         # run.compile: each evaluation's loss and parameter gradient through one traced and
-        # compiled graph (training/compiled.py); dd and ep stay eager (validate refuses them)
+        # compiled graph (training/compiled.py); dd stays eager (the config refuses it)
         announce = (lambda line: print(line, flush=True)) if self.is_main else None
         self.compiled = CompiledStep(self.model, config.loss, announce=announce) if run.compile else None
 

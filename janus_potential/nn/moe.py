@@ -112,28 +112,36 @@ class MixtureOfExperts(nn.Module):
     def blocked_experts(self, routed: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for `routed` ([S, F], slots sorted by expert, `sorted_expert`
         [S]) through the shape-stable blocked layout (module docstring); [S, F]."""
-        block = self.dispatch_block
-        experts = self.num_experts
-        slots = routed.shape[0]
-        blocks = torch.div(counts + (block - 1), block, rounding_mode="floor")
-        block_end = torch.cumsum(blocks, 0)
-        # padded row of sorted slot s = s - (first slot of its expert) + (first padded row of its expert)
-        shift = (block_end - blocks) * block - (torch.cumsum(counts, 0) - counts)
-        row = torch.arange(slots, device=routed.device) + shift.index_select(0, sorted_expert)
-        num_blocks = slots // block + experts  # sum_e ceil(c_e / B) <= S / B + E
-        block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=routed.device), right=True)
-        block_expert = block_expert.clamp(max=experts - 1)  # the unused tail blocks: any expert, zero rows
-        # (block, row in block) of each slot: a 3-D layout built and read by indexing, not by
-        # reshaping a 2-D one (a reshape of a symbolic size asks for a divisibility proof)
-        slot_block = torch.div(row, block, rounding_mode="floor")
-        slot_row = row - slot_block * block
-        padded = torch.zeros(num_blocks, block, routed.shape[1], dtype=routed.dtype, device=routed.device)
-        padded = padded.index_put([slot_block, slot_row], routed)
-        hidden = F.silu(torch.baddbmm(self.b_in.index_select(0, block_expert).unsqueeze(1), padded,
-                                      self.w_in.index_select(0, block_expert)))
-        out = torch.baddbmm(self.b_out.index_select(0, block_expert).unsqueeze(1), hidden,
-                            self.w_out.index_select(0, block_expert))
-        return out[slot_block, slot_row]
+        return blocked_experts(routed, sorted_expert, counts, self.w_in, self.b_in, self.w_out, self.b_out,
+                               self.dispatch_block)
+
+
+def blocked_experts(routed: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor,
+                    b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, block: int) -> torch.Tensor:
+    """Expert MLPs (stacked weights [E, ...]) of `routed` ([S, F], rows sorted by expert,
+    `sorted_expert` [S], `counts` [E] rows per expert) in the shape-stable blocked layout
+    (module docstring): every size depends on S and E only. Shared by `MixtureOfExperts`
+    and the expert-parallel shard (parallel/expert.py), which runs it on the rows it receives."""
+    experts = w_in.shape[0]
+    slots = routed.shape[0]
+    blocks = torch.div(counts + (block - 1), block, rounding_mode="floor")
+    block_end = torch.cumsum(blocks, 0)
+    # padded row of sorted slot s = s - (first slot of its expert) + (first padded row of its expert)
+    shift = (block_end - blocks) * block - (torch.cumsum(counts, 0) - counts)
+    row = torch.arange(slots, device=routed.device) + shift.index_select(0, sorted_expert)
+    num_blocks = slots // block + experts  # sum_e ceil(c_e / B) <= S / B + E
+    block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=routed.device), right=True)
+    block_expert = block_expert.clamp(max=experts - 1)  # the unused tail blocks: any expert, zero rows
+    # (block, row in block) of each slot: a 3-D layout built and read by indexing, not by
+    # reshaping a 2-D one (a reshape of a symbolic size asks for a divisibility proof)
+    slot_block = torch.div(row, block, rounding_mode="floor")
+    slot_row = row - slot_block * block
+    padded = torch.zeros(num_blocks, block, routed.shape[1], dtype=routed.dtype, device=routed.device)
+    padded = padded.index_put([slot_block, slot_row], routed)
+    hidden = F.silu(torch.baddbmm(b_in.index_select(0, block_expert).unsqueeze(1), padded,
+                                  w_in.index_select(0, block_expert)))
+    out = torch.baddbmm(b_out.index_select(0, block_expert).unsqueeze(1), hidden, w_out.index_select(0, block_expert))
+    return out[slot_block, slot_row]
 
 
 def balance_loss(router_probability_sum: torch.Tensor, expert_load: torch.Tensor, num_atoms: float) -> torch.Tensor:
