@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-# torch on a 2-core machine runs many times slower with spin-waiting OpenMP threads; glibc's
-# default malloc returns large tensors to the OS and page-faults them back on every step.
+# torch on a 2-core machine runs many times slower with spin-waiting OpenMP threads when
+# another process is busy (PASSIVE: idle threads sleep), but a sleeping thread takes tens of
+# microseconds to wake for each of the ~500 parallel operators of a step: a short spin
+# (GOMP_SPINCOUNT=1000, ~1 us) before sleeping makes two threads 1.8-2.5x faster on an idle
+# machine (docs/benchmarks.md, "OpenMP waiting"). glibc's default malloc returns large tensors
+# to the OS and page-faults them back on every step.
 export OMP_WAIT_POLICY := PASSIVE
+export GOMP_SPINCOUNT := 1000
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 10000000000
 

@@ -220,7 +220,7 @@ def main() -> None:
             if "md_atom_steps_per_s" in r and r["system"] == "Si" and r["atoms"] == baseline["atoms"]:
                 r["speedup_vs_chgnet"] = r["md_atom_steps_per_s"] / baseline["md_atom_steps_per_s"]
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
+    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}, "rows": rows,
            "aoti_compile_s": compile_s,
            "baseline": "chgnet" if baseline else "chgnet not installed"}
     (RESULTS / "inference.json").write_text(json.dumps(out, indent=1))

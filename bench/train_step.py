@@ -295,7 +295,7 @@ def main() -> None:
               f"{r['matmul_gflop_per_step']:7.2f} {r['achieved_gflop_s']:8.2f} {100 * r['fraction_of_matmul_rate']:7.1f}% "
               f"{r['compile_s']:9.1f}")
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
+    out = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(), "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}},
            "matmul_gflop_s": peak / 1e9, "rows": rows}
     (RESULTS / "train_step.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {RESULTS / 'train_step.json'}")
