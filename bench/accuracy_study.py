@@ -65,6 +65,9 @@ for _name, _change in {
     "wd1e-2": ["optim.weight_decay=0.01"],
     "wd1e-3": ["optim.weight_decay=0.001"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
+    # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
+    "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
+    "clip1": ["optim.grad_clip=1.0"],
 }.items():
     RECIPES[_name] = RECIPES["baseline"] + _change
 FILES = ["mptrj-random-1k", "alexandria-random-1k", "mptrj-highest-stress-1k", "mpf-TP", "mpf-alkali-TP",
