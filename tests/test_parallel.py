@@ -210,3 +210,36 @@ def test_parallel_calculator_on_a_gpu_equals_serial_cpu(device):
     """Two ranks sharing the GPU (halo exchanges on the device through the backend, or
     through host memory) = the one-process CPU calculator, through MD and rebuilds."""
     assert_all_ok(run_worker(2, "ase-md", device=device))
+
+
+def test_traced_expert_exchanges_form_one_chain_in_program_order():
+    """Inside `ordered_exchanges` every expert exchange takes the token the previous one
+    returned, forward and backward alike, so that a compiler cannot reorder them (two
+    independent exchanges would otherwise be free to run in either order, differently on
+    different ranks: the compiled ep=2 step deadlocked that way before the chain). Traced with
+    fake tensors, so no process group is needed; the real exchanges run in
+    tests/test_parallel_training.py (compiled ep=2 = eager one process)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from janus_potential.parallel.expert import exchange, ordered_exchanges
+
+    def step(a, b, token, counts):
+        with torch.enable_grad(), ordered_exchanges(token) as order:
+            a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            x = exchange(a, counts, counts, 0, a.shape[0])  # independent of y
+            y = exchange(b, counts, counts, 0, b.shape[0])
+            grads = torch.autograd.grad((x * x).sum() + (y * y).sum(), [a, b])  # two more exchanges
+        return grads, order.token
+
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(1),
+                                                torch.tensor([3, 2]))
+    calls = [node for node in graph.graph.nodes if node.op == "call_function"
+             and node.target is torch.ops.janus_parallel.all_to_all_rows.default]
+    assert len(calls) == 4
+    assert calls[0].args[1].op == "placeholder"  # the first takes the graph's input token
+    for before, after in zip(calls, calls[1:]):
+        token = after.args[1]
+        assert token.op == "call_function" and token.args[0] is before and token.args[1] == 1, \
+            "each exchange must take the token its predecessor returned"
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    assert output.args[0][1].args[0] is calls[-1], "the last token must be an output (no dead exchange)"
