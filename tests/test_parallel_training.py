@@ -92,6 +92,10 @@ def test_parallel_config_section_and_mesh_error():
         TrainConfig.load(None, ["parallel.nope=1"])
     with pytest.raises(MeshError, match="does not match the 1 launched"):
         ProcessMesh.create(dp=2)
+    # the compiled step takes data and expert parallelism, not domain decomposition
+    assert TrainConfig.load(None, ["run.compile=true", "parallel.ep=2", "parallel.dp=2"]).run.compile
+    with pytest.raises(ValueError, match="parallel.dd must be 1"):
+        TrainConfig.load(None, ["run.compile=true", "parallel.dd=2"])
 
 
 @pytest.mark.mpi
