@@ -25,10 +25,13 @@ What stays outside the graph is what has data-dependent sizes or needs the other
 * with expert parallelism, each sharded layer's dispatch plan (`parallel.expert.ExpertPlan`:
   every atom's experts, the slots sent to and received from each rank, the local expert of
   each received row), made from the species before the step by exchanging the counts; the
-  exchange of the rows themselves is an operator (`all_to_all_op`) inside the graph, its
-  backward the same exchange reversed, so the graph holds the dispatch, the combine and their
-  first and second derivatives. Every rank traces and compiles its own graph (no collective
-  runs while tracing: the operator's shape function only reads the plan's sizes).
+  exchange of the rows themselves is an operator (`parallel.expert.exchange`) inside the graph,
+  its backward the same exchange reversed, so the graph holds the dispatch, the combine and
+  their first and second derivatives. The exchanges are chained by a token in the order of
+  tracing (`ordered_exchanges`: a compiler orders operators by data dependence alone, and on a
+  rank that receives no rows the combine does not depend on the dispatch). Every rank traces
+  and compiles its own graph (no collective runs while tracing: the operator's shape function
+  only reads the plan's sizes).
 
 Sizes (atoms, edges, triplets, structures) stay symbols: a new batch shape reuses the
 graph. `make_fx` records what it assumed about the symbols (the ShapeEnv's guards, e.g.
