@@ -64,6 +64,12 @@ for _name, _change in {
     "deep4": ["model.overrides={num_interactions: 4}"],
     "energy-structure": ["loss.energy_per=structure"],
     "wd1e-2": ["optim.weight_decay=0.01"],
+    # a second loss stage over the last quarter of the budget (as MACE's last stage): the
+    # energy weight 10x / 100x, on the chosen recipe (lr2e-3-clip1 = examples/accuracy.yaml)
+    "stage2-e10": ["optim.lr=0.002", "optim.grad_clip=1.0", "loss.stage_two_start=0.75",
+                   "loss.stage_two_energy_factor=10"],
+    "stage2-e100": ["optim.lr=0.002", "optim.grad_clip=1.0", "loss.stage_two_start=0.75",
+                    "loss.stage_two_energy_factor=100"],
     "wd1e-3": ["optim.weight_decay=0.001"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)

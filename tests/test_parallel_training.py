@@ -9,6 +9,7 @@ sampler and the config run without MPI.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -308,11 +309,25 @@ def test_compiled_training_equals_eager_on_one_process_and_two_data_or_expert_ra
     """`run.compile: true` (training/compiled.py), one process, dp=2 and ep=2 under mpirun
     (ep: the experts' all-to-all exchanges and their first and second derivatives inside the
     compiled graph), against the eager one-process run: model, EMA and AdamW moments after 3
-    steps (float64, 1e-10)."""
-    janus_train(train_config, 1, f"run.output={tmp_path / 'eager'}")
-    janus_train(train_config, 1, f"run.output={tmp_path / 'compiled'}", "run.compile=true")
-    janus_train(train_config, 2, f"run.output={tmp_path / 'compiled2'}", "run.compile=true")
-    janus_train(train_config, 2, f"run.output={tmp_path / 'compiled_ep'}", "run.compile=true", layout=(1, 2, 1))
+    steps (float64, 1e-10). Every run has a second loss stage from the third step on
+    (`loss.stage_two_*`: other energy, force and stress weights; in the compiled step a factor
+    on an input), and the eager run's logged loss is its terms weighted by the stage's
+    weights, step by step."""
+    stage = ["loss.stage_two_start=0.6", "loss.stage_two_energy_factor=3", "loss.stage_two_forces_factor=0.5",
+             "loss.stage_two_stress_factor=2"]
+    janus_train(train_config, 1, f"run.output={tmp_path / 'eager'}", *stage)
+    janus_train(train_config, 1, f"run.output={tmp_path / 'compiled'}", "run.compile=true", *stage)
+    janus_train(train_config, 2, f"run.output={tmp_path / 'compiled2'}", "run.compile=true", *stage)
+    janus_train(train_config, 2, f"run.output={tmp_path / 'compiled_ep'}", "run.compile=true", *stage,
+                layout=(1, 2, 1))
+    records = [json.loads(line) for line in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "train_total" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    base = (1.0, 1.0, 0.1)  # energy, forces, stress weights of the config (LossConfig's defaults)
+    for record in records:
+        factors = (3.0, 0.5, 2.0) if (record["step"] - 1) / 3 >= 0.6 else (1.0, 1.0, 1.0)
+        expected = sum(b * f * record[f"train_{name}"] for b, f, name in zip(base, factors, ("energy", "forces", "stress")))
+        assert record["train_total"] == pytest.approx(expected, rel=1e-12), record
     assert_same_training_state(tmp_path / "compiled", tmp_path / "eager")
     assert_same_training_state(tmp_path / "compiled2", tmp_path / "eager")
     assert_same_training_state(tmp_path / "compiled_ep", tmp_path / "eager")

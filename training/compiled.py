@@ -21,7 +21,8 @@ What stays outside the graph is what has data-dependent sizes or needs the other
   species before the step (`expert_loads`), sums them over the ranks, and passes the
   balance loss's coefficients E * f_e / atoms as an input (the loss is linear in the router
   probabilities),
-* the loss ratios of the data-parallel split (label counts summed over the ranks),
+* the loss ratios of the data-parallel split (label counts summed over the ranks), times
+  the weight factors of the loss's stage (`LossConfig.factors`: a second stage is no new graph),
 * with expert parallelism, each sharded layer's dispatch plan (`parallel.expert.ExpertPlan`:
   every atom's experts, the slots sent to and received from each rank, the local expert of
   each received row), made from the species before the step by exchanging the counts; the

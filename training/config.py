@@ -202,6 +202,26 @@ class LossConfig:
     forces_weight: float = 1.0  # on force components (eV/A)
     stress_weight: float = 0.1  # on stress components (GPa)
     balance_weight: float = 0.01  # MoE load-balancing loss
+    # a second stage, as in MACE's last stage: from this fraction of the training budget on
+    # (of max_steps, or of max_minutes when the clock runs out first, as the learning rate's
+    # cosine; 0: no second stage) the energy, force and stress weights are multiplied by these
+    # factors (docs/training.md, "Loss")
+    stage_two_start: float = 0.0
+    stage_two_energy_factor: float = 1.0
+    stage_two_forces_factor: float = 1.0
+    stage_two_stress_factor: float = 1.0
+
+    def factors(self, progress: float) -> tuple[float, float, float]:
+        """(energy, forces, stress) weight factors at `progress` (the fraction of the budget
+        used): the stage-two factors from `stage_two_start` on, else ones."""
+        if self.stage_two_start and progress >= self.stage_two_start:
+            return (self.stage_two_energy_factor, self.stage_two_forces_factor, self.stage_two_stress_factor)
+        return (1.0, 1.0, 1.0)
+
+    def weights(self, progress: float) -> tuple[float, float, float]:
+        """(energy, forces, stress) weights at `progress`."""
+        factors = self.factors(progress)
+        return (self.energy_weight * factors[0], self.forces_weight * factors[1], self.stress_weight * factors[2])
 
 
 @dataclass
@@ -262,9 +282,10 @@ RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
      ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps",
       "optim.epochs", "loss.energy_huber_delta", "loss.forces_huber_delta", "loss.stress_huber_delta",
       "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
+      "loss.stage_two_energy_factor", "loss.stage_two_forces_factor", "loss.stage_two_stress_factor",
       "run.threads", "run.max_minutes", "model.lora_rank", "model.lora_alpha")),
     ("between 0 and 1", lambda value: 0 <= value <= 1,
-     ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay")),
+     ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay", "loss.stage_two_start")),
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "run.precision": ("float32", "tf32", "bf16"),

@@ -491,13 +491,18 @@ class Trainer:
         gc.collect()
 
     # ----------------------------------------------------------------- training
-    def learning_rate(self) -> float:
-        """Warm-up then cosine over the training budget: max_steps, or max_minutes of step
-        time when that runs out first (then the schedule follows the clock)."""
+    def progress(self) -> float:
+        """The fraction of the training budget used: of max_steps, or of max_minutes of step
+        time when that runs out first (then the schedules follow the clock). Checkpointed
+        through the step and the elapsed time, so a resumed run continues it exactly."""
         progress = self.step / max(1, self.total_steps)
         if self.config.run.max_minutes:
             progress = max(progress, self.elapsed / (60 * self.config.run.max_minutes))
-        return self.config.optim.lr * self.lr_factor(self.step, progress)
+        return progress
+
+    def learning_rate(self) -> float:
+        """Warm-up then cosine over the training budget (`progress`)."""
+        return self.config.optim.lr * self.lr_factor(self.step, self.progress())
 
     def _passes(self, share: List[tuple]) -> List[tuple]:
         """(samples, counted) for every model evaluation of this rank's share of a step:
@@ -588,9 +593,10 @@ class Trainer:
                         if name in pass_terms:
                             ratio = (evaluation.counts[k] / total_counts[k].clamp(min=1e-12)).to(self.dtype)
                             terms[name] = terms.get(name, 0.0) + pass_terms[name] * ratio
-                total = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
+                weights = loss_config.weights(self.progress())
+                total = weights[0] * terms["energy"] + weights[1] * terms["forces"]
                 if "stress" in terms:
-                    total = total + loss_config.stress_weight * terms["stress"]
+                    total = total + weights[2] * terms["stress"]
                 balance = self._balance_share(evaluations, global_loads, float(total_counts[3]))
                 terms["total"] = total
                 (total + loss_config.balance_weight * balance).backward()
@@ -651,9 +657,12 @@ class Trainer:
         balance = torch.zeros((), dtype=self.dtype)
         evaluations = []
         parameters = dict(self.model.named_parameters())
+        factors = torch.tensor(loss_config.factors(self.progress()), device=self.device, dtype=self.dtype)
         for target, counted, counts, load in passes:
             ratios = (counts[:3] / total_counts[:3].clamp(min=1e-12)).to(device=self.device, dtype=self.dtype)
-            out = self.compiled(target, compute_virial, ratios, coefficients * float(counted))
+            # the graph weighs each term by its ratio times the configured weight: the stage's
+            # factor rides on the ratio (an input), so stage two needs no second graph
+            out = self.compiled(target, compute_virial, ratios * factors, coefficients * float(counted))
             for k, name in enumerate(["energy", "forces", "stress"][:3 if compute_virial else 2]):
                 terms[name] = terms.get(name, 0.0) + out[name] * ratios[k]
             balance = balance + out["balance"].to(balance.device)
@@ -664,9 +673,10 @@ class Trainer:
             evaluations.append(ForwardPass({"forces": out["forces_prediction"]}, target, counted, counts,
                                            out["router_probability_sum"] * float(counted), load))
         if evaluations:
-            terms["total"] = loss_config.energy_weight * terms["energy"] + loss_config.forces_weight * terms["forces"]
+            weights = loss_config.weights(self.progress())
+            terms["total"] = weights[0] * terms["energy"] + weights[1] * terms["forces"]
             if "stress" in terms:
-                terms["total"] = terms["total"] + loss_config.stress_weight * terms["stress"]
+                terms["total"] = terms["total"] + weights[2] * terms["stress"]
         return terms, balance, evaluations, total_counts
 
     def _force_errors_by_source(self, evaluations: List[ForwardPass]) -> torch.Tensor:
