@@ -10,7 +10,8 @@ under `--output`. A finished run (model.pt present, same minutes) is not run aga
 `--force`. The evaluation is the run's last validation record (EMA weights, every frame of
 the validation split, grouped by data file): energy MAE per atom, force MAE, stress MAE, and
 the baselines on the same frames: zero forces (`F=0`), zero stress and the per-element
-reference-energy fit alone (`E ref`, the least-squares fit the model starts from).
+reference-energy fit alone (`E ref`, the least-squares fit the model starts from), and the
+same MAEs on the run's training frames (`E train`, `F train`: the generalisation gap).
 Writes bench/results/accuracy_study.json (tables and learning curves) and
 accuracy_study.png (validation errors per file against training time, one line per recipe).
 """
@@ -71,6 +72,12 @@ for _name, _change in {
     "stage2-e100": ["optim.lr=0.002", "optim.grad_clip=1.0", "loss.stage_two_start=0.75",
                     "loss.stage_two_energy_factor=100"],
     "wd1e-3": ["optim.weight_decay=0.001"],
+    # AdamW's weight decay on the chosen recipe: at sixty minutes the model fits its training
+    # frames twice as well as the validation frames (docs/training.md)
+    "clip1-wd3e-2": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.03"],
+    "clip1-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1"],
+    # fewer experts (each sees more of the frames; same cost per atom at top-1)
+    "clip1-experts2": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
@@ -133,6 +140,38 @@ def read_run(directory: Path) -> dict:
                       for r in validation]}
 
 
+def training_split_errors(directory: Path, final: dict) -> dict:
+    """MAEs on the TRAINING frames of each data file (the generalisation gap next to the
+    validation split): `janus eval` of the run's checkpoint (EMA weights, as the validation)
+    on every frame of the files, cached in the run directory as eval_all_frames.json; an MAE
+    is a sum over its count, so the training split's MAE is (all - validation) sums over
+    (all - validation) counts, exactly."""
+    cached = directory / "eval_all_frames.json"
+    if not cached.is_file():
+        import yaml
+
+        paths = [str((CONFIG.parent / p).resolve()) for p in yaml.safe_load(CONFIG.read_text())["data"]["train"]]
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "janus_potential.training", "eval", str(directory / "checkpoint.pt"),
+                               *paths, "--by", "file", "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"janus eval of {directory} failed:\n{done.stderr[-2000:]}")
+        cached.write_text(done.stdout)
+    every = json.loads(cached.read_text())
+    out = {}
+    for stem in FILES + ["all"]:
+        key_all, key_validation = ("all", "all") if stem == "all" else (file_key(every, stem), file_key(final, stem))
+        if key_all is None or key_validation is None:
+            continue
+        out[stem] = {}
+        for quantity in ("energy_per_atom", "forces"):
+            a, v = every[key_all].get(quantity), final[key_validation].get(quantity)
+            if a and v and a["count"] > v["count"]:
+                out[stem][quantity] = {"mae": (a["mae"] * a["count"] - v["mae"] * v["count"]) / (a["count"] - v["count"]),
+                                       "count": a["count"] - v["count"]}
+    return out
+
+
 def file_key(errors: dict, stem: str) -> str | None:
     return next((k for k in errors if Path(k).stem == stem), None)
 
@@ -143,16 +182,19 @@ def mae(entry: dict | None, key: str, scale: float = 1.0) -> float:
 
 
 def table(results: dict) -> str:
-    lines = ["| recipe | file | E MAE meV/at | E ref fit | F MAE eV/A | F=0 | S MAE GPa | S=0 | steps |",
-             "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
+    lines = ["| recipe | file | E MAE meV/at | E train | E ref fit | F MAE eV/A | F train | F=0 | S MAE GPa | S=0 | steps |",
+             "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
     for name, run in results.items():
         for stem in FILES + ["all"]:
             key = "all" if stem == "all" else file_key(run["final"], stem)
             entry = run["final"].get(key) if key else None
             if entry is None:
                 continue
+            fit = run.get("training_split", {}).get(stem)
             lines.append(f"| {name} | {stem} | {mae(entry, 'energy_per_atom', 1000):.1f} | "
+                         f"{mae(fit, 'energy_per_atom', 1000):.1f} | "
                          f"{mae(entry, 'energy_reference_per_atom', 1000):.1f} | {mae(entry, 'forces'):.3f} | "
+                         f"{mae(fit, 'forces'):.3f} | "
                          f"{mae(entry, 'forces_zero'):.3f} | {mae(entry, 'stress_gpa'):.2f} | "
                          f"{mae(entry, 'stress_zero_gpa'):.2f} | {run['steps']} |")
     return "\n".join(lines)
@@ -197,6 +239,8 @@ def main() -> None:
     parser.add_argument("--results", default="accuracy_study", help="name of the JSON/PNG in bench/results")
     parser.add_argument("--force", action="store_true", help="train again even where a finished run exists")
     parser.add_argument("--report-only", action="store_true", help="only read finished runs")
+    parser.add_argument("--no-training-split", action="store_true",
+                        help="skip the errors on the training frames (a `janus eval` of every frame per run)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every recipe")
     args = parser.parse_args()
     if not args.report_only:
@@ -205,6 +249,9 @@ def main() -> None:
                if (run_directory(args.output, name, args.minutes) / "metrics.jsonl").is_file()}
     for name in results:
         results[name]["overrides"] = RECIPES[name] + args.extra
+        if not args.no_training_split:
+            results[name]["training_split"] = training_split_errors(run_directory(args.output, name, args.minutes),
+                                                                    results[name]["final"])
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": f"{os.cpu_count()} cores, one thread per run", "minutes": args.minutes,
            "config": str(CONFIG.relative_to(ROOT)), "runs": results}
