@@ -78,6 +78,7 @@ for _name, _change in {
     "clip1-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1"],
     # fewer experts (each sees more of the frames; same cost per atom at top-1)
     "clip1-experts2": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    "clip1-experts1": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={num_experts: 1, experts_per_atom: 1}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
