@@ -81,6 +81,11 @@ for _name, _change in {
     # fewer experts (each sees more of the frames; same cost per atom at top-1)
     "clip1-experts2": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "clip1-experts1": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={num_experts: 1, experts_per_atom: 1}"],
+    # weight decay on the two-expert recipe (examples/accuracy.yaml)
+    "experts2-wd3e-2": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.03",
+                        "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    "experts2-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
+                        "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
