@@ -37,6 +37,9 @@ class ModelConfig:
     max_atomic_number: int = 100
     logit_cap: float = 5.0
     zbl: bool = True  # ZBL short-range repulsion prior (nn/repulsion.py)
+    # element embedding = a learned row per element + a learned map of fixed chemical
+    # descriptors (period, group, block, electronegativity, radius, ...): nn/embedding.py
+    element_features: bool = False
     zbl_switch_on: float = 0.25  # ZBL fully on below this fraction of the covalent-radius sum
     zbl_switch_off: float = 0.5  # and off above this one
     # output heads (multi-fidelity): datasets of different DFT settings share the body and

@@ -33,6 +33,7 @@ from .io import MODEL_CHECKPOINT_FORMAT, MODEL_CHECKPOINT_VERSION
 from .nn.geometry import Geometry, GeometryBuilder
 from .nn.autocast import autocast_readout
 from .nn.interaction import InteractionLayer
+from .nn.embedding import ElementEmbedding
 
 
 
@@ -166,7 +167,8 @@ class JanusPotential(nn.Module):
         self.num_interactions = int(config.num_interactions)
         self.features = int(config.features)
         n_species = config.max_atomic_number + 1
-        self.embedding = nn.Embedding(n_species, config.features)
+        self.embedding = (ElementEmbedding(n_species, config.features) if config.element_features
+                          else nn.Embedding(n_species, config.features))
         self.geometry = GeometryBuilder(
             config.cutoff, config.num_radial, config.three_body_cutoff, config.num_three_body_radial,
             config.angular_order, config.zbl, (config.zbl_switch_on, config.zbl_switch_off), config.max_atomic_number,

@@ -71,12 +71,14 @@ def _eager(model, batch, config, ratios, coefficients):
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_the_eager_step():
+@pytest.mark.parametrize("overrides", [{}, {"element_features": True}], ids=["embedding", "element-features"])
+def test_compiled_step_equals_the_eager_step(overrides):
     """energies' and forces' and stress losses, forces and every parameter gradient, float64
     1e-10; a second batch of other sizes reuses the graph (no new compile); a batch of ONE
     structure breaks the first graph's assumptions (its structure count was a symbol >= 2)
-    and gets a graph of its own, equally exact."""
-    model = make_model("tiny").train()
+    and gets a graph of its own, equally exact. Also with the element embedding of chemical
+    descriptors (nn/embedding.py)."""
+    model = make_model("tiny", **overrides).train()
     config = LossConfig(balance_weight=0.1)
     frames = labelled_structures(7)
     batches = [collate(samples_of(frames[:3], model)), collate(samples_of(frames[3:6], model)),

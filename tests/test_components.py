@@ -184,3 +184,52 @@ def test_energy_and_forces_are_traceable_by_make_fx(tiny_model):
     moved = graph.positions + 0.01  # a rigid shift: same graph shapes, new values
     for expected, actual in zip(energy_and_forces(state, moved), traced(state, moved)):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+# (symbol, period, group, block) from the IUPAC periodic table, written out by hand
+PERIODIC_TABLE_SAMPLE = [
+    ("H", 1, 1, "s"), ("He", 1, 18, "s"), ("Li", 2, 1, "s"), ("C", 2, 14, "p"), ("Ne", 2, 18, "p"),
+    ("Mg", 3, 2, "s"), ("Cl", 3, 17, "p"), ("K", 4, 1, "s"), ("Sc", 4, 3, "d"), ("Fe", 4, 8, "d"),
+    ("Zn", 4, 12, "d"), ("Ga", 4, 13, "p"), ("Kr", 4, 18, "p"), ("Mo", 5, 6, "d"), ("Sn", 5, 14, "p"),
+    ("I", 5, 17, "p"), ("Cs", 6, 1, "s"), ("Ba", 6, 2, "s"), ("Ce", 6, 3, "f"), ("Gd", 6, 3, "f"),
+    ("Hf", 6, 4, "d"), ("W", 6, 6, "d"), ("Pt", 6, 10, "d"), ("Hg", 6, 12, "d"), ("Pb", 6, 14, "p"),
+    ("Rn", 6, 18, "p"), ("Fr", 7, 1, "s"), ("Ra", 7, 2, "s"), ("U", 7, 3, "f"), ("Pu", 7, 3, "f"),
+]
+
+
+def test_element_descriptors_follow_the_periodic_table():
+    from ase.data import atomic_numbers
+
+    from janus_potential.elements import element_descriptors, period_group_block
+
+    table = element_descriptors(100)
+    assert table.shape[0] == 101 and torch.isfinite(table).all() and not table[0].any()
+    for symbol, period, group, block in PERIODIC_TABLE_SAMPLE:
+        z = atomic_numbers[symbol]
+        assert period_group_block(z) == (period, group, block), symbol
+        row = table[z]
+        assert row[period - 1] == 1 and row[:7].sum() == 1, symbol
+        assert row[7 + group - 1] == 1 and row[7:25].sum() == 1, symbol
+        assert row[25 + "spdf".index(block)] == 1 and row[25:29].sum() == 1, symbol
+    # electronegativity (standardised, column 31) orders F > O > C > Na > Cs, as Pauling's scale
+    chi = table[:, 31]
+    assert chi[9] > chi[8] > chi[6] > chi[11] > chi[55]
+    # the standardised columns have mean 0 and unit spread over the elements
+    torch.testing.assert_close(table[1:, 31:].mean(dim=0), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_element_features_embedding_survives_a_checkpoint_and_shares_across_elements(tmp_path):
+    """The embedding of `element_features` is the per-element row plus the shared map of the
+    descriptors; a gradient from one element's atoms moves the embedding of the others."""
+    torch.manual_seed(0)
+    model = JanusPotential.from_preset("tiny", element_features=True).double()
+    model.save_checkpoint(tmp_path / "model.pt")
+    loaded = JanusPotential.load(tmp_path / "model.pt")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name].to(value.dtype), value, atol=0, rtol=0, msg=name)
+    embedding = model.embedding
+    species = torch.tensor([26, 27])
+    expected = embedding.weight[species] + embedding.descriptors[species] @ embedding.projection
+    torch.testing.assert_close(embedding(species), expected, atol=1e-14, rtol=0)
+    embedding(torch.tensor([26])).sum().backward()  # Fe only
+    assert embedding.weight.grad[27].abs().sum() == 0 and embedding.projection.grad.abs().sum() > 0

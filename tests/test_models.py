@@ -16,3 +16,10 @@ class TestMixtureOfExperts(ModelTests):
 
     preset = "tiny"
     overrides = {"num_experts": 6, "experts_per_atom": 3, "router_uses_features": True}
+
+
+class TestElementFeatures(ModelTests):
+    """The element embedding with chemical descriptors (nn/embedding.py)."""
+
+    preset = "tiny"
+    overrides = {"element_features": True}
