@@ -86,6 +86,13 @@ for _name, _change in {
                         "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "experts2-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
                         "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    # the element embedding of chemical descriptors (model option element_features)
+    "experts2-elements": ["optim.lr=0.002", "optim.grad_clip=1.0",
+                          "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
+    "experts2-elements-wd3e-2": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.03",
+                                 "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
+    "experts2-elements-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
+                                 "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
