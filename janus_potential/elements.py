@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ase.data import atomic_numbers, chemical_symbols
+import math
+
+import torch
+from ase.data import atomic_masses, atomic_numbers, chemical_symbols, covalent_radii
 
 MAX_ATOMIC_NUMBER = 100
 
@@ -62,18 +65,13 @@ def period_group_block(number: int) -> tuple[int, int, str]:
     return period, position - 13, ("d" if position < 26 else "p")
 
 
-def element_descriptors(max_atomic_number: int = MAX_ATOMIC_NUMBER) -> "torch.Tensor":
+def element_descriptors(max_atomic_number: int = MAX_ATOMIC_NUMBER) -> torch.Tensor:
     """Fixed chemical descriptors of the elements, one row per atomic number 0..max (row 0 is
     zero): one-hot period (7), group (18) and block (4); the position in the f series (0..1);
     and, standardised over the elements, the Pauling electronegativity (its mean where none is
     defined, with a flag), the covalent radius, the logarithm of the atomic mass and the
     valence-electron count. The model's `element_features` option maps them to the embedding
     (nn/embedding.py), so that elements seen in few frames share with their chemical neighbours."""
-    import math
-
-    import torch
-    from ase.data import atomic_masses, covalent_radii
-
     rows, continuous = [], []
     for number in range(1, max_atomic_number + 1):
         period, group, block = period_group_block(number)
