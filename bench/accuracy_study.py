@@ -89,6 +89,7 @@ for _name, _change in {
     # the element embedding of chemical descriptors (model option element_features)
     "experts2-elements": ["optim.lr=0.002", "optim.grad_clip=1.0",
                           "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
+    "clip1-elements": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={element_features: true}"],
     "experts2-elements-wd3e-2": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.03",
                                  "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "experts2-elements-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
