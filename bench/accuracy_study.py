@@ -90,6 +90,12 @@ for _name, _change in {
     "experts2-elements": ["optim.lr=0.002", "optim.grad_clip=1.0",
                           "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "clip1-elements": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={element_features: true}"],
+    # the recipe again with another initialisation and batch order (run-to-run spread)
+    "experts2-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
+                       "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    # loss options not yet run on the recipe: the energy error per structure (eV), not per atom
+    "experts2-energy-structure": ["optim.lr=0.002", "optim.grad_clip=1.0", "loss.energy_per=structure",
+                                  "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "experts2-elements-wd3e-2": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.03",
                                  "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "experts2-elements-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
