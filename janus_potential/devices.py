@@ -5,7 +5,7 @@ Graphs are built on the CPU (vesin) and moved to the device once per evaluation;
 lives on the device; results come back to the CPU for ASE and LAMMPS. With several ranks
 each takes the GPU of its node-local rank (`rank_device`); the process group's backend
 follows the device (`janus_potential.parallel.mesh`: gloo for the CPU, "cpu:gloo,cuda:nccl"
-for CUDA), and halo and expert exchanges of CUDA tensors over a gloo-only group go through
+for CUDA, gloo alone when ranks share a GPU, which NCCL refuses), and halo and expert exchanges of CUDA tensors over a gloo-only group go through
 host memory. An unavailable device is a clear error, never a silent fall-back to the CPU.
 """
 

@@ -33,7 +33,7 @@ PY
     -DCMAKE_CXX_COMPILER="${CXX:-g++}" >"$BUILD.configure.log" 2>&1 \
     || { cat "$BUILD.configure.log" >&2; exit 1; }
 fi
-cmake --build "$BUILD" -j2
+cmake --build "$BUILD" -j"${JOBS:-2}"
 mkdir -p "$ROOT/janus_potential/lib"
 for library in janusplugin janusops; do
   if ! cmp -s "$BUILD/$library.so" "$ROOT/janus_potential/lib/$library.so"; then

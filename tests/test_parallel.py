@@ -243,3 +243,25 @@ def test_traced_expert_exchanges_form_one_chain_in_program_order():
             "each exchange must take the token its predecessor returned"
     output = next(node for node in graph.graph.nodes if node.op == "output")
     assert output.args[0][1].args[0] is calls[-1], "the last token must be an output (no dead exchange)"
+
+
+def test_backend_follows_the_device_and_gpu_sharing(monkeypatch):
+    """gloo on the CPU; NCCL for CUDA tensors when each rank of a node has its own GPU; gloo
+    alone when ranks share a GPU (NCCL refuses two ranks of a communicator on one device);
+    JANUS_DIST_BACKEND overrides."""
+    from janus_potential.parallel import mesh
+
+    for name in mesh.LOCAL_SIZE_VARIABLES + mesh.MPI_ENVIRONMENT + ("JANUS_DIST_BACKEND",):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert mesh.backend_for(torch.device("cpu")) == "gloo"
+    assert mesh.backend_for(None) == "gloo"
+    assert mesh.local_world_size() == 1
+    assert mesh.backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")  # MPICH's mpirun: two ranks, two GPUs
+    assert mesh.local_world_size() == 2
+    assert mesh.backend_for(torch.device("cuda", 1)) == "cpu:gloo,cuda:nccl"
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")  # four ranks share two GPUs
+    assert mesh.backend_for(torch.device("cuda", 1)) == "gloo"
+    monkeypatch.setenv("JANUS_DIST_BACKEND", "cpu:gloo,cuda:nccl")
+    assert mesh.backend_for(torch.device("cuda", 1)) == "cpu:gloo,cuda:nccl"

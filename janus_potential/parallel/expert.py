@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from janus_potential.nn.moe import MixtureOfExperts, blocked_experts
 
-from .halo import all_to_all_rows
+from .halo import all_to_all_rows, backend_handles
 
 
 class ExchangeStats:
@@ -271,10 +271,13 @@ def expert_shards(model: nn.Module) -> Dict[str, ExpertParallelMoE]:
 
 def gather_shard(shard: torch.Tensor, moe: ExpertParallelMoE) -> torch.Tensor:
     """The full [E, ...] tensor from every rank's [E/P, ...] shard (collective over the ep group)."""
+    device = shard.device
     shard = shard.detach().contiguous()
+    if not backend_handles(shard, moe.group):
+        shard = shard.cpu()
     pieces = [torch.empty_like(shard) for _ in range(moe.group_size)]
     dist.all_gather(pieces, shard, group=moe.group)
-    return torch.cat(pieces)
+    return torch.cat(pieces).to(device)
 
 
 def full_state_dict(model: nn.Module, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:

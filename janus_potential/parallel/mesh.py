@@ -73,10 +73,39 @@ def local_rank() -> int:
     return 0
 
 
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
+                        "PMI_LOCAL_SIZE")
+
+
+def local_world_size() -> int:
+    """How many processes of this job run on this node (launcher variables as in
+    `local_rank`, else an MPI shared-memory split under mpirun, else 1)."""
+    for name in LOCAL_SIZE_VARIABLES:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    if launched_by_mpi():
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return 1
+        return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    return 1
+
+
 def backend_for(device: Optional[torch.device]) -> str:
     """gloo for CPU runs; for CUDA runs "cpu:gloo,cuda:nccl" (each collective goes to the
-    backend of its tensors' device: NCCL for model tensors, gloo for CPU bookkeeping)."""
+    backend of its tensors' device: NCCL for model tensors, gloo for CPU bookkeeping).
+
+    When a node runs more ranks than it has GPUs, ranks share a GPU, and NCCL refuses two
+    ranks of one communicator on one device ("Duplicate GPU detected"): then gloo serves
+    the CUDA tensors too (its collectives copy them through host memory; the halo and the
+    expert all-to-all stage them there themselves, `parallel.halo.backend_handles`).
+    JANUS_DIST_BACKEND overrides the choice (any torch.distributed backend string)."""
+    if os.environ.get("JANUS_DIST_BACKEND"):
+        return os.environ["JANUS_DIST_BACKEND"]
     if device is not None and torch.device(device).type == "cuda":
+        if local_world_size() > max(torch.cuda.device_count(), 1):
+            return "gloo"
         return "cpu:gloo,cuda:nccl"
     return "gloo"
 
