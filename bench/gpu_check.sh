@@ -58,7 +58,7 @@ chmod +x "$VENV/bin/lmp"
 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$ROOT" >>"$INSTALL_LOG" 2>&1 \
   || { cat "$INSTALL_LOG"; exit 1; }
 
-step "2. LAMMPS plugin (in the background, $(nproc) jobs) and 3a. pytest -m gpu without LAMMPS"
+step "2. LAMMPS plugin (in the background, $(nproc) jobs) and 3a. ${GPU_TESTS:-all} tests"
 export CUDACXX=${CUDACXX:-$(command -v nvcc || true)}
 JOBS=$(nproc) bash "$ROOT/lammps_plugin/build.sh" "$PY" >"$LOGS/plugin.log" 2>&1 &
 PLUGIN=$!
@@ -73,17 +73,31 @@ run_pytest() {  # run_pytest NAME SECONDS ARGS...: junit XML and log under $LOGS
     "${PER_TEST[@]}" -rfEs --junitxml="$LOGS/$name.xml" "$@" >"$LOGS/$name.log" 2>&1)
   tail -8 "$LOGS/$name.log"
 }
-run_pytest pytest_gpu "${PYTEST_TIMEOUT:-150}" tests --ignore=tests/test_lammps.py
-wait $PLUGIN || { echo "plugin build failed:"; tail -30 "$LOGS/plugin.log"; }
-step "3b. pytest -m gpu, LAMMPS"
-run_pytest pytest_lammps "${PYTEST_LAMMPS_TIMEOUT:-75}" tests/test_lammps.py
-
-step "4. benchmarks ($(remaining) s left)"
 HELDOUT=()
 [[ -f "$BUNDLE/heldout.ckpt" ]] && HELDOUT=(--heldout-model "$BUNDLE/heldout.ckpt")
 RESULT="${OUT:-$ROOT/bench/results}/gpu_${DATE}.json"
 [[ -n "${REHEARSAL:-}" ]] && RESULT="$LOGS/gpu_rehearsal.json"
-(cd "$ROOT" && PATH="$VENV/bin:$PATH" "$PY" bench/gpu_check.py --device "$DEVICE" $QUICK --out "$RESULT" \
-  --pytest-junit "$LOGS/pytest_gpu.xml" "$LOGS/pytest_lammps.xml" --lmp "$VENV/bin/lmp" --mpirun "$VENV/bin/mpirun" \
-  "${HELDOUT[@]}" --deadline $(( START + BUDGET )) 2>&1 | tee "$LOGS/bench.log")
+MERGE_ARGS=()
+[[ -n "${MERGE:-}" ]] && MERGE_ARGS=(--merge "$MERGE")
+benchmarks() {  # benchmarks STAGE...: bench/gpu_check.py, adding to $RESULT once it exists
+  local merge=("${MERGE_ARGS[@]}") stages=()
+  [[ -f "$RESULT" ]] && merge=(--merge "$RESULT")
+  [[ $# -gt 0 ]] && stages=(--stages "$@")
+  (cd "$ROOT" && PATH="$VENV/bin:$PATH" "$PY" bench/gpu_check.py --device "$DEVICE" $QUICK --out "$RESULT" \
+    --pytest-junit "$LOGS"/pytest_*.xml --lmp "$VENV/bin/lmp" --mpirun "$VENV/bin/mpirun" \
+    "${HELDOUT[@]}" "${merge[@]}" --deadline $(( START + BUDGET )) "${stages[@]}" 2>&1 | tee -a "$LOGS/bench.log")
+}
+case "${GPU_TESTS:-all}" in
+  all) run_pytest pytest_gpu "${PYTEST_TIMEOUT:-150}" tests --ignore=tests/test_lammps.py ;;
+  *) # no GPU tests beside the build: the benchmark stages that need no plugin run there instead
+     [[ -n "${EARLY_STAGES:-}" ]] && { step "4a. benchmarks during the build: $EARLY_STAGES"; benchmarks $EARLY_STAGES; } ;;
+esac
+wait $PLUGIN || { echo "plugin build failed:"; tail -30 "$LOGS/plugin.log"; }
+if [[ "${GPU_TESTS:-all}" != none ]]; then
+  step "3b. pytest -m gpu, LAMMPS"
+  run_pytest pytest_lammps "${PYTEST_LAMMPS_TIMEOUT:-75}" tests/test_lammps.py
+fi
+
+step "4. benchmarks ($(remaining) s left)"
+benchmarks ${STAGES:-}
 step "done in $(( $(date +%s) - START )) s: $RESULT"

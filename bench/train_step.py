@@ -112,7 +112,7 @@ def trainer_step(model, batch, config, compiled=None) -> None:
 
     loads = expert_loads(model, batch.graph.species)
     coefficients = loads.shape[-1] * loads / loads.sum(dim=-1, keepdim=True) / batch.graph.species.shape[0]
-    ratios = torch.ones(3, dtype=batch.graph.positions.dtype)
+    ratios = torch.ones(3, dtype=batch.graph.positions.dtype, device=batch.graph.positions.device)
     model.zero_grad(set_to_none=True)
     if compiled is not None:
         for name, grad in compiled(batch, True, ratios, coefficients)["gradients"].items():

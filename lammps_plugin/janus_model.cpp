@@ -263,15 +263,16 @@ torch::Tensor JanusModel::exchange(const torch::Tensor &rows, HaloExchange &halo
 }
 
 Evaluation JanusModel::evaluate(const torch::Tensor &species, const torch::Tensor &edge_index,
-                                const torch::Tensor &edge_vectors, int64_t nlocal, HaloExchange &halo)
+                                const torch::Tensor &edge_vectors, int64_t nlocal, HaloExchange &halo, bool reduce)
 {
   if (!loaded_) throw ModelError("no model loaded");
   if (compiled()) return evaluate_package(species, edge_index, edge_vectors, nlocal, halo);
-  return evaluate_script(species, edge_index, edge_vectors, nlocal, halo);
+  return evaluate_script(species, edge_index, edge_vectors, nlocal, halo, reduce);
 }
 
 Evaluation JanusModel::evaluate_script(const torch::Tensor &species_cpu, const torch::Tensor &edge_index_cpu,
-                                       const torch::Tensor &edge_vectors_cpu, int64_t nlocal, HaloExchange &halo)
+                                       const torch::Tensor &edge_vectors_cpu, int64_t nlocal, HaloExchange &halo,
+                                       bool reduce)
 {
   Evaluation result;
   const int64_t nall = species_cpu.size(0);
@@ -355,6 +356,23 @@ Evaluation JanusModel::evaluate_script(const torch::Tensor &species_cpu, const t
     throw ModelError(std::string("model evaluation failed: ") + first_line(e.what()));
   }
   result.atom_energy = atom_energy.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  if (reduce) {
+    // forces f_i += g, f_j -= g per edge i -> j and the virial W = -sum r (x) g, symmetrised,
+    // in float64 on the device (r: the edge vectors the model saw); janus_potential.model
+    // reduces the same way for ASE
+    auto forces = torch::zeros({nall, 3}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+    auto virial = torch::zeros({6}, forces.options());
+    if (edge_gradient.defined()) {
+      auto g = edge_gradient.detach().to(torch::kFloat64);
+      forces.index_add_(0, edge_index[0], g).index_add_(0, edge_index[1], -g);
+      auto m = torch::matmul(edge_vectors.detach().to(torch::kFloat64).t(), g);    // [3, 3]: sum r_a g_b
+      virial = -torch::stack({m[0][0], m[1][1], m[2][2], 0.5 * (m[0][1] + m[1][0]), 0.5 * (m[0][2] + m[2][0]),
+                              0.5 * (m[1][2] + m[2][1])});
+    }
+    result.forces = forces.to(torch::kCPU).contiguous();
+    result.virial = virial.to(torch::kCPU).contiguous();
+    return result;
+  }
   if (edge_gradient.defined()) result.edge_gradient = edge_gradient.to(torch::kCPU, torch::kFloat64).contiguous();
   return result;
 }

@@ -39,6 +39,10 @@ class HaloExchange {
 struct Evaluation {
   torch::Tensor atom_energy;      // [n_local] float64, CPU: energies of the owned atoms
   torch::Tensor edge_gradient;    // [E, 3] float64, CPU: dE/d(edge vector); undefined without edges
+                                  // or when the forces were reduced on the device (below)
+  torch::Tensor forces;           // [n_all, 3] float64, CPU: -dE/dx of owned and ghost atoms, when
+                                  // evaluate(..., reduce=true) reduced them on the model's device
+  torch::Tensor virial;           // [6] float64, CPU, with `forces`: xx yy zz xy xz yz (LAMMPS order)
   double bytes = 0.0;             // memory of the layer outputs (for memory_usage)
 };
 
@@ -66,8 +70,11 @@ class JanusModel {
   void load(const std::string &bytes, const std::string &name, const torch::Device &device);
   ~JanusModel();
 
+  // `reduce`: sum the edge gradients into per-atom forces and the virial on the model's
+  // device and bring back [n_all, 3] + [6] instead of [E, 3] (what a GPU wants: no per-edge
+  // transfer, no per-edge host loop); ignored by the package, which returns edge gradients
   Evaluation evaluate(const torch::Tensor &species, const torch::Tensor &edge_index,
-                      const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
+                      const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo, bool reduce = false);
 
   bool loaded() const { return loaded_; }
   bool compiled() const { return !package_.empty(); }    // an AOTInductor package
@@ -83,7 +90,7 @@ class JanusModel {
   void load_package(const std::string &bytes, const std::string &path);
   void read_metadata(const std::string &text, const std::string &path, const std::string &format, int version);
   Evaluation evaluate_script(const torch::Tensor &species, const torch::Tensor &edge_index,
-                             const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
+                             const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo, bool reduce);
   Evaluation evaluate_package(const torch::Tensor &species, const torch::Tensor &edge_index,
                               const torch::Tensor &edge_vectors, int64_t n_local, HaloExchange &halo);
   std::vector<torch::Tensor> run(const std::string &function, const std::vector<torch::Tensor> &inputs);

@@ -105,7 +105,9 @@ void PairJanus::allocate()
 
 void PairJanus::settings(int narg, char **arg)
 {
-  // pair_style janus [device auto|cpu|cuda|cuda:N] [threads N]
+  // pair_style janus [device auto|cpu|cuda|cuda:N] [threads N] [reduce auto|device|host]
+  // reduce: where per-edge gradients become per-atom forces and the virial; auto = on the
+  // model's device when it is a GPU (no per-edge transfer), in the host loop on the CPU
   for (int k = 0; k < narg; k += 2) {
     const std::string key = arg[k];
     if (k + 1 >= narg) error->all(FLERR, "Pair style janus: keyword '{}' needs a value", key);
@@ -114,12 +116,17 @@ void PairJanus::settings(int narg, char **arg)
       if (value != "auto" && value != "cpu" && value.rfind("cuda", 0) != 0)
         error->all(FLERR, "Pair style janus: device must be auto, cpu, cuda or cuda:N, got '{}'", value);
       device_spec_ = value;
+    } else if (key == "reduce") {
+      if (value != "auto" && value != "device" && value != "host")
+        error->all(FLERR, "Pair style janus: reduce must be auto, device or host, got '{}'", value);
+      reduce_ = value;
     } else if (key == "threads") {
       threads_ = utils::inumeric(FLERR, value, false, lmp);
       if (threads_ < 1) error->all(FLERR, "Pair style janus: threads must be at least 1, got {}", threads_);
     } else {
       error->all(FLERR,
-                 "Pair style janus: unknown keyword '{}' (keywords: device, threads; the model file goes in pair_coeff)",
+                 "Pair style janus: unknown keyword '{}' (keywords: device, threads, reduce; the model file goes in "
+                 "pair_coeff)",
                  key);
     }
   }
@@ -328,10 +335,12 @@ void PairJanus::compute(int eflag, int vflag)
   std::copy(neighbours.begin(), neighbours.end(), edge_index.data_ptr<int64_t>() + num_edges);
   auto edge_vectors = torch::from_blob(vectors.data(), {num_edges, 3}, torch::kFloat64);
 
+  // per-atom virials need the per-edge gradients on the host
+  const bool reduce = !vflag_atom && (reduce_ == "device" || (reduce_ == "auto" && model_.device().is_cuda()));
   janus::Evaluation result;
   try {
     LammpsHalo halo(this);
-    result = model_.evaluate(species, edge_index, edge_vectors, nlocal, halo);
+    result = model_.evaluate(species, edge_index, edge_vectors, nlocal, halo, reduce);
   } catch (janus::ModelError &e) {
     error->one(FLERR, "Pair janus: {}", e.what());
   }
@@ -344,6 +353,14 @@ void PairJanus::compute(int eflag, int vflag)
   if (eflag_atom)
     for (int i = 0; i < nlocal; ++i) eatom[i] += energy_data[i];
 
+  if (result.forces.defined()) {    // reduced on the device: forces of owned and ghost atoms, the virial
+    const double *fa = result.forces.data_ptr<double>();
+    for (int i = 0; i < nall; ++i)
+      for (int d = 0; d < 3; ++d) f[i][d] += fa[3 * i + d];
+    if (vflag_global)
+      for (int c = 0; c < 6; ++c) virial[c] += result.virial.data_ptr<double>()[c];
+    return;
+  }
   if (!result.edge_gradient.defined()) return;
   const double *g = result.edge_gradient.data_ptr<double>();
   double v[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};

@@ -44,6 +44,7 @@ class PairJanus : public Pair {
   std::string model_path_;
   std::string device_spec_ = "auto";    // pair_style janus device ...
   int threads_ = 0;                      // pair_style janus threads ...; 0: libtorch's default
+  std::string reduce_ = "auto";          // pair_style janus reduce auto|device|host
   std::vector<int64_t> type_z_;          // LAMMPS type -> atomic number (0: NULL, unmapped)
 
   torch::Tensor comm_rows_;       // [nall, F] rows being exchanged (contiguous)

@@ -202,6 +202,20 @@ def test_device_keyword_on_one_and_two_ranks_matches_calculator(device, model_fi
             assert relative_error(results[key], expected) < TOLERANCE["float64"], (ranks, key)
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_forces_reduced_on_the_device_match_calculator(ranks, model_files, triclinic, references, tmp_path):
+    """`reduce device` (what a GPU run does by default: per-atom forces and the virial summed
+    by torch on the model's device instead of the host loop over edges) = the calculator,
+    float64, here on the CPU."""
+    _, data = triclinic
+    script = SINGLE_POINT.format(data=data, model=model_files["float64"], elements=" ".join(ELEMENTS)).replace(
+        "pair_style janus", "pair_style janus reduce device")
+    check_ran(run_lammps(script, tmp_path, ranks))
+    results = single_point_results(tmp_path)
+    for key, expected in references["float64"].items():
+        assert relative_error(results[key], expected) < TOLERANCE["float64"], key
+
+
 @pytest.mark.skipif(CUDA_VISIBLE, reason="checks the error of a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_a_lammps_error(model_files, triclinic, tmp_path):
     _, data = triclinic
