@@ -90,6 +90,12 @@ for _name, _change in {
     "experts2-elements": ["optim.lr=0.002", "optim.grad_clip=1.0",
                           "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "clip1-elements": ["optim.lr=0.002", "optim.grad_clip=1.0", "model.overrides={element_features: true}"],
+    # the recipe with another seed (its run-to-run spread at 60 minutes), and with sixteen
+    # experts (top-1: the same compute per atom as eight, twice the expert parameters)
+    "clip1-elements-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
+                             "model.overrides={element_features: true}"],
+    "clip1-elements-experts16": ["optim.lr=0.002", "optim.grad_clip=1.0",
+                                 "model.overrides={element_features: true, num_experts: 16}"],
     # the recipe again with another initialisation and batch order (run-to-run spread)
     "experts2-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
                        "model.overrides={num_experts: 2, experts_per_atom: 1}"],
