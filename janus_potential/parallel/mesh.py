@@ -57,20 +57,27 @@ LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRA
                         "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
 
-def local_rank() -> int:
-    """This process's rank among the processes of its node: from the launcher's variables
-    (torchrun's LOCAL_RANK, Open MPI, MPICH/Hydra, MVAPICH, Slurm), else from an MPI
-    shared-memory split of the world under mpirun, else 0."""
-    for name in LOCAL_RANK_VARIABLES:
+def _node_value(variables: tuple, what: str, default: int) -> int:
+    """The first launcher variable of `variables` that holds a number, else `what` ("rank"
+    or "size") of an MPI shared-memory split of the world under mpirun, else `default`."""
+    for name in variables:
         if os.environ.get(name, "").strip().isdigit():
             return int(os.environ[name])
     if launched_by_mpi():
         try:
             from mpi4py import MPI
         except ImportError:
-            return 0
-        return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    return 0
+            return default
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        return node.Get_rank() if what == "rank" else node.Get_size()
+    return default
+
+
+def local_rank() -> int:
+    """This process's rank among the processes of its node: from the launcher's variables
+    (torchrun's LOCAL_RANK, Open MPI, MPICH/Hydra, MVAPICH, Slurm), else from an MPI
+    shared-memory split of the world under mpirun, else 0."""
+    return _node_value(LOCAL_RANK_VARIABLES, "rank", 0)
 
 
 LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
@@ -80,16 +87,7 @@ LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_L
 def local_world_size() -> int:
     """How many processes of this job run on this node (launcher variables as in
     `local_rank`, else an MPI shared-memory split under mpirun, else 1)."""
-    for name in LOCAL_SIZE_VARIABLES:
-        if os.environ.get(name, "").strip().isdigit():
-            return int(os.environ[name])
-    if launched_by_mpi():
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            return 1
-        return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-    return 1
+    return _node_value(LOCAL_SIZE_VARIABLES, "size", 1)
 
 
 def backend_for(device: Optional[torch.device]) -> str:
