@@ -106,6 +106,15 @@ for _name, _change in {
                                  "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
     "experts2-elements-wd1e-1": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.weight_decay=0.1",
                                  "model.overrides={num_experts: 2, experts_per_atom: 1, element_features: true}"],
+    # the router's Adam steps 100x smaller (nn/moe.py, "Router steps"): routing that settles
+    "clip1-elements-router": ["optim.lr=0.002", "optim.grad_clip=1.0",
+                              "model.overrides={element_features: true, router_scale: 0.01}"],
+    "clip1-elements-router-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
+                                    "model.overrides={element_features: true, router_scale: 0.01}"],
+    "experts2-router": ["optim.lr=0.002", "optim.grad_clip=1.0",
+                        "model.overrides={num_experts: 2, experts_per_atom: 1, router_scale: 0.01}"],
+    "experts2-router-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
+                              "model.overrides={num_experts: 2, experts_per_atom: 1, router_scale: 0.01}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],

@@ -33,6 +33,9 @@ class ModelConfig:
     expert_hidden: int = 128
     shared_expert_hidden: int = 128
     router_uses_features: bool = False
+    # router logits = router_scale * W x: the router's Adam steps scaled (nn/moe.py, "Router
+    # steps"); below 1 the element-to-expert assignment settles instead of reshuffling each step
+    router_scale: float = 1.0
     readout_hidden: int = 64
     max_atomic_number: int = 100
     logit_cap: float = 5.0
@@ -53,6 +56,8 @@ class ModelConfig:
             raise ValueError("experts_per_atom must be between 1 and num_experts")
         if self.cutoff <= 0 or self.three_body_cutoff <= 0:
             raise ValueError("cutoffs must be positive")
+        if not self.router_scale > 0:
+            raise ValueError(f"router_scale must be positive, got {self.router_scale}")
         self.output_heads = tuple(self.output_heads)
         if len(set(self.output_heads)) != len(self.output_heads):
             raise ValueError(f"output head names must be unique, got {list(self.output_heads)}")

@@ -85,6 +85,40 @@ def test_moe_equals_dense_reference():
     assert float(uniform) == pytest.approx(1.0)
 
 
+def test_router_scale_scales_the_routers_adam_steps_and_nothing_else():
+    """`router_scale` s: the MoE equals one with s = 1 whose router weight is s W (the same
+    function), and one AdamW step from the same loss moves its logits s times as far."""
+    torch.manual_seed(0)
+    scaled = MixtureOfExperts(8, num_experts=4, experts_per_atom=2, expert_hidden=6, shared_hidden=4,
+                              router_uses_features=True, router_scale=0.01).double()
+    plain = MixtureOfExperts(8, num_experts=4, experts_per_atom=2, expert_hidden=6, shared_hidden=4,
+                             router_uses_features=True).double()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        plain.router.weight.mul_(0.01)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    element = torch.randn(30, 8, dtype=torch.float64)
+    before = plain.router(element + x)
+    for a, b in zip(scaled(x, element), plain(x, element)):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+    # initial logits of the same spread as the unscaled router's N(0, 0.02) weights
+    assert 0.01 < float((scaled.router.weight * 0.01).std()) < 0.03
+    steps = []
+    for moe in (scaled, plain):
+        optimizer = torch.optim.AdamW([moe.router.weight], lr=1e-3, weight_decay=0.0, eps=1e-15)
+        out, probability_sum, _ = moe(x, element)
+        ((out ** 2).sum() + probability_sum.pow(2).sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            logits = moe.router(element + x) * moe.router_scale
+        steps.append(logits - before)
+    # Adam's first step is lr * sign(gradient) per weight, whatever the gradient's size (up to eps)
+    torch.testing.assert_close(steps[0], 0.01 * steps[1], atol=1e-12, rtol=1e-6)
+    assert float(steps[1].abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="router_scale"):
+        JanusPotential.from_preset("tiny", router_scale=0.0)
+
+
 def test_element_aware_routing_is_fixed_by_composition(tiny_model):
     atoms = random_structure(["Mg", "O"], 16, seed=3)
     graph = build_graph(atoms, tiny_model.cutoff, dtype=torch.float64)

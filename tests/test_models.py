@@ -12,10 +12,11 @@ class TestSmall(ModelTests):
 
 
 class TestMixtureOfExperts(ModelTests):
-    """Several experts per atom, routed on the atom's features as well as its element."""
+    """Several experts per atom, routed on the atom's features as well as its element, the
+    router's steps scaled (`router_scale`, nn/moe.py)."""
 
     preset = "tiny"
-    overrides = {"num_experts": 6, "experts_per_atom": 3, "router_uses_features": True}
+    overrides = {"num_experts": 6, "experts_per_atom": 3, "router_uses_features": True, "router_scale": 0.05}
 
 
 class TestElementFeatures(ModelTests):

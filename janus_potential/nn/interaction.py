@@ -42,6 +42,7 @@ class InteractionLayer(nn.Module):
         shared_hidden: int,
         router_uses_features: bool,
         logit_cap: float,
+        router_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if features % filter_groups or filter_groups % num_heads:
@@ -74,7 +75,8 @@ class InteractionLayer(nn.Module):
         self.message_out = nn.Linear(features, features, bias=False)
         self.norm = nn.LayerNorm(features)
         self.moe = MixtureOfExperts(
-            features, num_experts, experts_per_atom, expert_hidden, shared_hidden, router_uses_features
+            features, num_experts, experts_per_atom, expert_hidden, shared_hidden, router_uses_features,
+            router_scale,
         )
 
     def forward(

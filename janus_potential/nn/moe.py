@@ -17,6 +17,22 @@ result equals the loop's (tests/test_compiled.py). The forward returns, besides 
 needs for the Switch/GShard load-balancing loss: the sum over atoms of the router
 probabilities ([E], differentiable) and the atom-slots routed to each expert ([E], the
 load). Nothing is kept on the module between calls (`balance_loss` combines them).
+
+Router steps (`router_scale`). With one expert per atom the gate is 1 whatever the logits, so
+the router's only gradient is the balance loss's, which is small and noisy. Adam moves every
+weight by about the learning rate per step whatever the size of its gradient, so the router's
+weights random-walk at the model's learning rate and the argmax reshuffles elements between
+experts all the time: measured on the accuracy study's eight-expert recipe (docs/training.md,
+"Routing that never settles"), 14 to 26 of the 267 (element, layer) assignments changed at
+every step, from the first steps on, against about one per step with the router frozen (the
+remaining changes come from the element embedding, which the force loss moves). Each expert
+then sees a different set of elements every few steps and none specialises. The router
+computes `router_scale * W x` with W initialised at N(0, 0.02 / router_scale): the initial
+logits are the same, and under Adam W's steps move the logits router_scale times as far,
+which is a learning rate of router_scale times the model's for the router alone, kept inside
+the model (one optimizer parameter group; the exported function is the same product).
+`router_scale: 1` is the old behaviour and the default (checkpoints written before the
+option load unchanged).
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ class MixtureOfExperts(nn.Module):
         expert_hidden: int,
         shared_hidden: int,
         router_uses_features: bool,
+        router_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -50,8 +67,11 @@ class MixtureOfExperts(nn.Module):
         # blocked layout (module docstring), for symbolic tracing
         self.dispatch_block = 0
         self.router_uses_features = router_uses_features
+        # logits = router_scale * router(input): the router's steps under Adam are router_scale
+        # times the other weights' (module docstring, "Router steps"); the same initial logits
+        self.router_scale = float(router_scale)
         self.router = nn.Linear(features, num_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.normal_(self.router.weight, std=0.02 / self.router_scale)
         self.w_in = nn.Parameter(torch.empty(num_experts, features, expert_hidden))
         self.b_in = nn.Parameter(torch.zeros(num_experts, expert_hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, features))
@@ -69,6 +89,8 @@ class MixtureOfExperts(nn.Module):
         if self.router_uses_features:
             router_input = router_input + x
         logits = self.router(router_input)
+        if self.router_scale != 1.0:
+            logits = logits * self.router_scale
         top_logits, top_index = torch.topk(logits, self.experts_per_atom, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
         return top_index, gates, torch.softmax(logits, dim=-1)

@@ -150,6 +150,7 @@ class ExpertParallelMoE(nn.Module):
         self.first_expert = self.group_rank * self.local_experts
         self.experts_per_atom = moe.experts_per_atom
         self.router_uses_features = moe.router_uses_features
+        self.router_scale = moe.router_scale
         self.low_precision = moe.low_precision
         # as in MixtureOfExperts: 0 = one matmul per local expert, B > 0 = the blocked layout
         self.dispatch_block = moe.dispatch_block
