@@ -315,3 +315,42 @@ def test_run_device_is_checked(tmp_path):
         with pytest.raises(JanusInputError, match="no CUDA GPU is visible"):
             Trainer(TrainConfig.load(None, base + ["run.device=cuda"]))
     assert Trainer(TrainConfig.load(None, base + ["run.device=cpu"])).device == torch.device("cpu")
+
+
+def test_training_log_counts_routing_changes(tmp_path):
+    """`routing_changes` in metrics.jsonl is the number of (layer, element) pairs whose
+    expert changed since the last record, recomputed here from the router and embedding
+    before and after every step; with the router's steps at the model's learning rate
+    (router_scale 1) top-1 routing changes more often than with them 1,000x smaller (what
+    changes then comes from the element embedding, which the loss moves)."""
+    from janus_potential.training.trainer import Trainer
+
+    write(tmp_path / "train.xyz", labelled_structures(6))
+    species = torch.tensor([3, 8, 12])  # Li, O, Mg
+
+    def table(model):
+        with torch.no_grad():
+            return torch.stack([layer.moe.router(model.embedding(species)).argmax(dim=-1) for layer in model.layers])
+
+    changes = {}
+    for scale in (1.0, 0.001):
+        output = tmp_path / f"scale{scale}"
+        config = TrainConfig.load(None, [
+            f"data.train=[{tmp_path / 'train.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.validation_fraction=0", "data.max_atoms_per_batch=16", "data.num_workers=0",
+            "model.preset=tiny", f"model.overrides={{num_experts: 4, router_scale: {scale}}}", "optim.max_steps=8",
+            "optim.warmup_steps=0", "optim.lr=0.05", "run.dtype=float64", "run.progress=false", "run.log_every=1",
+            f"run.output={output}", "run.checkpoint_every=1000"])
+        trainer = Trainer(config)
+        tables = [table(trainer.model)]
+        for _ in range(8):
+            trainer.fit(stop_after_steps=1)
+            tables.append(table(trainer.model))
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        logged = {r["step"]: r for r in records if "train_total" in r}
+        assert "routing_changes" not in logged[1]  # nothing to compare the first record with
+        expected = [int((tables[step] != tables[step - 1]).sum()) for step in range(2, 9)]
+        assert [logged[step]["routing_changes"] for step in range(2, 9)] == expected
+        assert all(logged[step]["routing_pairs"] == 3 * len(trainer.model.layers) for step in range(2, 9))
+        changes[scale] = sum(expected)
+    assert changes[1.0] > changes[0.001], changes

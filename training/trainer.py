@@ -109,6 +109,8 @@ class Trainer:
         self.elapsed = 0.0
         self.best_validation = math.inf
         self._last_validation_step = -1
+        self._routing_elements: Optional[torch.Tensor] = None  # training elements (`_routing_table`)
+        self._routing_previous: Optional[torch.Tensor] = None  # the table at the last log record
         if resume and self.checkpoint_path.exists():
             self._restore(*read_checkpoint(self.checkpoint_path))
         else:
@@ -782,6 +784,35 @@ class Trainer:
         dist.all_gather_object(every, mine)
         return every
 
+    def _routing_table(self) -> Optional[torch.Tensor]:
+        """[L, Z, k] experts of every training element in every layer (sorted), or None where
+        routing depends on more than the element (router_uses_features) or there is one expert."""
+        moe = self.model.layers[0].moe
+        if moe.router_uses_features or moe.num_experts == 1:
+            return None
+        if self._routing_elements is None:
+            self._routing_elements = torch.as_tensor(self.train_samples.elements(), dtype=torch.long,
+                                                     device=self.device)
+        with torch.no_grad():
+            embedding = self.model.embedding(self._routing_elements)
+            tables = [torch.topk(layer.moe.router(embedding.to(layer.moe.router.weight.dtype)),
+                                 layer.moe.experts_per_atom, dim=-1).indices.sort(dim=-1).values
+                      for layer in self.model.layers]
+        return torch.stack(tables).cpu()
+
+    def _routing_record(self) -> Dict[str, Any]:
+        """`routing_changes`: (layer, element) pairs whose experts changed since the last log
+        record, of `routing_pairs` (nn/moe.py, "Router steps": a router that never settles
+        reshuffles elements between experts at every step)."""
+        table = self._routing_table()
+        if table is None:
+            return {}
+        previous, self._routing_previous = self._routing_previous, table
+        if previous is None:
+            return {}
+        changed = (table != previous).any(dim=-1)
+        return {"routing_changes": int(changed.sum()), "routing_pairs": int(changed.numel())}
+
     def _compile_record(self) -> Dict[str, Any]:
         """Compiled graphs so far and the seconds they took (trace + compile), with run.compile."""
         if self.compiled is None:
@@ -840,7 +871,7 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": lr, "peak_rss_gib": self._peak_rss(),
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()},
-                               **self._compile_record()})
+                               **self._routing_record(), **self._compile_record()})
                     window_atoms, window_time, window_wait = 0, 0.0, 0.0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
