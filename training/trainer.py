@@ -786,9 +786,11 @@ class Trainer:
 
     def _routing_table(self) -> Optional[torch.Tensor]:
         """[L, Z, k] experts of every training element in every layer (sorted), or None where
-        routing depends on more than the element (router_uses_features) or there is one expert."""
+        routing depends on more than the element (router_uses_features) or there is one expert,
+        and under `parallel.shard: full`, where a rank holds its own share of the weights only
+        between steps (the log would need an all-gather of them)."""
         moe = self.model.layers[0].moe
-        if moe.router_uses_features or moe.num_experts == 1:
+        if moe.router_uses_features or moe.num_experts == 1 or self.shards.mode == "full":
             return None
         if self._routing_elements is None:
             self._routing_elements = torch.as_tensor(self.train_samples.elements(), dtype=torch.long,
