@@ -797,6 +797,7 @@ class Trainer:
                                                      device=self.device)
         with torch.no_grad():
             embedding = self.model.embedding(self._routing_elements)
+            # router_scale > 0 multiplies the logits and leaves their order, so it is left out
             tables = [torch.topk(layer.moe.router(embedding.to(layer.moe.router.weight.dtype)),
                                  layer.moe.experts_per_atom, dim=-1).indices.sort(dim=-1).values
                       for layer in self.model.layers]
