@@ -121,17 +121,6 @@ for _name, _change in {
     "clip1": ["optim.grad_clip=1.0"],
 }.items():
     RECIPES[_name] = RECIPES["baseline"] + _change
-# Every recipe spells its model as it ran: the `small` preset's router_scale was 1 until
-# 2026-11-28 and is 0.01 since, so a recipe whose model.overrides do not name router_scale ran
-# (and runs) with 1; the first screening's recipes (no model.overrides: the preset's eight
-# experts, as accuracy.yaml was then) get the mapping {router_scale: 1.0}
-for _name, _sets in RECIPES.items():
-    if not any(s.startswith("model.overrides=") for s in _sets):
-        _sets.append("model.overrides={}")
-    _last = max(i for i, s in enumerate(_sets) if s.startswith("model.overrides="))
-    if "router_scale" not in _sets[_last]:
-        _inner = _sets[_last][len("model.overrides={"):-1].strip()
-        _sets[_last] = "model.overrides={" + (_inner + ", " if _inner else "") + "router_scale: 1.0}"
 FILES = ["mptrj-random-1k", "alexandria-random-1k", "mptrj-highest-stress-1k", "mpf-TP", "mpf-alkali-TP",
          "random-TP"]
 

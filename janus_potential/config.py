@@ -34,10 +34,8 @@ class ModelConfig:
     shared_expert_hidden: int = 128
     router_uses_features: bool = False
     # router logits = router_scale * W x: the router's Adam steps scaled (nn/moe.py, "Router
-    # steps"); below 1 the element-to-expert assignment settles instead of reshuffling each step.
-    # 0.01 in `small` since 2026-11-28 (docs/training.md, "Routing that never settles"); the
-    # other presets keep 1 (not measured there); checkpoints without the key load with 1
-    router_scale: float = 0.01
+    # steps"); below 1 the element-to-expert assignment settles instead of reshuffling each step
+    router_scale: float = 1.0
     readout_hidden: int = 64
     max_atomic_number: int = 100
     logit_cap: float = 5.0
@@ -85,8 +83,6 @@ class ModelConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise JanusInputError(f"model option(s) {unknown} are unknown to this version of Janus")
-        # written before the option existed (2026-11-27): their routers ran unscaled
-        values = {"router_scale": 1.0, **values}
         return cls(**values)
 
 
@@ -94,17 +90,17 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         cutoff=4.0, three_body_cutoff=3.0, num_interactions=2, features=16, num_radial=6,
         num_three_body_radial=3, angular_order=2, three_body_features=8, num_heads=2, filter_groups=4, num_experts=4,
-        experts_per_atom=1, expert_hidden=32, shared_expert_hidden=32, readout_hidden=16, router_scale=1.0,
+        experts_per_atom=1, expert_hidden=32, shared_expert_hidden=32, readout_hidden=16,
     ),
     "small": ModelConfig(),
     "base": ModelConfig(
         cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=128, num_radial=8,
         num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=8, filter_groups=32, num_experts=16,
-        experts_per_atom=2, expert_hidden=256, shared_expert_hidden=256, readout_hidden=128, router_scale=1.0,
+        experts_per_atom=2, expert_hidden=256, shared_expert_hidden=256, readout_hidden=128,
     ),
     "1b": ModelConfig(
         cutoff=6.0, three_body_cutoff=4.5, num_interactions=4, features=512, num_radial=8,
         num_three_body_radial=6, angular_order=4, three_body_features=32, num_heads=16, filter_groups=64, num_experts=128,
-        experts_per_atom=2, expert_hidden=2048, shared_expert_hidden=2048, readout_hidden=256, router_scale=1.0,
+        experts_per_atom=2, expert_hidden=2048, shared_expert_hidden=2048, readout_hidden=256,
     ),
 }

@@ -119,32 +119,6 @@ def test_router_scale_scales_the_routers_adam_steps_and_nothing_else():
         JanusPotential.from_preset("tiny", router_scale=0.0)
 
 
-def test_small_presets_router_is_scaled_and_checkpoints_without_the_option_load_unscaled(tmp_path):
-    """The `small` preset's router_scale is 0.01 (the other presets' 1); a checkpoint written
-    before the option existed (no `router_scale` in its config) loads with 1, the router it
-    was trained with: the same energies and forces as the model that wrote it."""
-    from janus_potential.config import PRESETS
-    from janus_potential.integrity import DIGEST_KEY, save_payload
-
-    assert PRESETS["small"].router_scale == 0.01
-    assert [PRESETS[name].router_scale for name in ("tiny", "base", "1b")] == [1.0, 1.0, 1.0]
-    torch.manual_seed(0)
-    old = JanusPotential.from_preset("tiny", router_scale=1.0).double()
-    path = tmp_path / "old.pt"
-    old.save_checkpoint(path)
-    payload = torch.load(path, weights_only=False)
-    del payload["config"]["router_scale"], payload[DIGEST_KEY]
-    save_payload(payload, path)  # a valid file of the old kind (content digest of its own)
-    loaded = JanusPotential.load(path)
-    assert loaded.config.router_scale == 1.0
-    assert all(layer.moe.router_scale == 1.0 for layer in loaded.layers)
-    atoms = random_structure(["Mg", "O", "Si"], 24, seed=4)
-    graph = build_graph(atoms, old.cutoff, dtype=torch.float64)
-    expected, got = old.compute(graph), loaded.compute(graph)
-    for key in ("energy", "forces"):
-        torch.testing.assert_close(got[key], expected[key], atol=1e-12, rtol=0)
-
-
 def test_element_aware_routing_is_fixed_by_composition(tiny_model):
     atoms = random_structure(["Mg", "O"], 16, seed=3)
     graph = build_graph(atoms, tiny_model.cutoff, dtype=torch.float64)

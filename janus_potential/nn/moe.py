@@ -31,10 +31,8 @@ computes `router_scale * W x` with W initialised at N(0, 0.02 / router_scale): t
 logits are the same, and under Adam W's steps move the logits router_scale times as far,
 which is a learning rate of router_scale times the model's for the router alone, kept inside
 the model (one optimizer parameter group; the exported function is the same product).
-`router_scale: 1` is the old behaviour (this module's default and the `tiny`, `base` and
-`1b` presets'); the `small` preset's is 0.01 since 2026-11-28 (with two experts, seed 0, on one
-machine: validation energies -28 %, forces -18 % over all files at sixty minutes; docs/training.md).
-Checkpoints written before the option existed load with 1 (`ModelConfig.from_dict`).
+`router_scale: 1` is the old behaviour and the default (checkpoints written before the
+option load unchanged).
 """
 
 from __future__ import annotations
