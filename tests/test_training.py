@@ -354,3 +354,34 @@ def test_training_log_counts_routing_changes(tmp_path):
         assert all(logged[step]["routing_pairs"] == 3 * len(trainer.model.layers) for step in range(2, 9))
         changes[scale] = sum(expected)
     assert changes[1.0] > changes[0.001], changes
+
+
+def test_training_log_records_the_largest_gradient_norm_and_the_clipped_steps_between_records(tmp_path):
+    """`train_grad_norm_max` and `train_clipped_steps` of a record logged every 3 steps are the
+    largest gradient norm and the count of norms above optim.grad_clip over its 3 steps, as
+    the same run logged at every step records them one by one (one process, float64: the two
+    runs take the same steps)."""
+    write(tmp_path / "train.xyz", labelled_structures(6))
+    clip = 0.015  # between this run's gradient norms (0.01-0.03)
+    logs = {}
+    for every in (1, 3):
+        output = tmp_path / f"every{every}"
+        config = TrainConfig.load(None, [
+            f"data.train=[{tmp_path / 'train.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.validation_fraction=0", "data.max_atoms_per_batch=16", "data.num_workers=0",
+            "model.preset=tiny", "optim.max_steps=9", "optim.warmup_steps=0", "optim.lr=0.02",
+            f"optim.grad_clip={clip}", "run.dtype=float64", "run.progress=false", f"run.log_every={every}",
+            f"run.output={output}", "run.checkpoint_every=1000"])
+        from janus_potential.training.trainer import Trainer
+
+        Trainer(config).fit()
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        logs[every] = {r["step"]: r for r in records if "train_total" in r}
+    norms = [logs[1][step]["train_grad_norm"] for step in range(1, 10)]
+    assert [logs[1][step]["train_grad_norm_max"] for step in range(1, 10)] == norms
+    assert [logs[1][step]["train_clipped_steps"] for step in range(1, 10)] == [int(n > clip) for n in norms]
+    assert 0 < sum(n > clip for n in norms) < 9, norms  # the threshold splits the steps
+    for end in (3, 6, 9):
+        window = norms[end - 3:end]
+        assert logs[3][end]["train_grad_norm_max"] == pytest.approx(max(window), rel=1e-12)
+        assert logs[3][end]["train_clipped_steps"] == sum(n > clip for n in window)

@@ -850,6 +850,9 @@ class Trainer:
         progress = TrainingProgress(run.progress, self.step, self.total_steps, 60 * run.max_minutes,
                                     run.progress_every_s)
         window_atoms, window_time, window_wait = 0, 0.0, 0.0
+        # the largest gradient norm since the last record and the steps clipped: a record holds
+        # its own step's norm only, and a blow-up starts between records (docs/training.md)
+        window_norm_max, window_clipped = 0.0, 0
         stream = iter(sample_loader(FlaggedSamples(self.samples), self._planned_batches(), self.num_workers,
                                     self.config.data.prefetch_factor))
         while not self._finished():
@@ -864,6 +867,8 @@ class Trainer:
                 self.elapsed += duration
                 window_atoms += record["atoms"]
                 window_time += duration
+                window_norm_max = max(window_norm_max, record["grad_norm"])
+                window_clipped += int(record["grad_norm"] > self.config.optim.grad_clip)
                 self.step += 1
                 self.batch_in_epoch += 1
                 steps_this_call += 1
@@ -874,8 +879,10 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": lr, "peak_rss_gib": self._peak_rss(),
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()},
+                               "train_grad_norm_max": window_norm_max, "train_clipped_steps": window_clipped,
                                **self._routing_record(), **self._compile_record()})
                     window_atoms, window_time, window_wait = 0, 0.0, 0.0
+                    window_norm_max, window_clipped = 0.0, 0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
