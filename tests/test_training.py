@@ -317,6 +317,14 @@ def test_run_device_is_checked(tmp_path):
     assert Trainer(TrainConfig.load(None, base + ["run.device=cpu"])).device == torch.device("cpu")
 
 
+def tiny_float64_run(tmp_path, output, *sets):
+    """A `tiny` float64 run on tmp_path/train.xyz, no validation, no checkpoints, plus `sets`."""
+    return TrainConfig.load(None, [
+        f"data.train=[{tmp_path / 'train.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}", "data.validation_fraction=0",
+        "data.max_atoms_per_batch=16", "data.num_workers=0", "model.preset=tiny", "optim.warmup_steps=0",
+        "run.dtype=float64", "run.progress=false", f"run.output={output}", "run.checkpoint_every=1000", *sets])
+
+
 def test_training_log_counts_routing_changes(tmp_path):
     """`routing_changes` in metrics.jsonl is the number of (layer, element) pairs whose
     expert changed since the last record, recomputed here from the router and embedding
@@ -335,12 +343,8 @@ def test_training_log_counts_routing_changes(tmp_path):
     changes = {}
     for scale in (1.0, 0.001):
         output = tmp_path / f"scale{scale}"
-        config = TrainConfig.load(None, [
-            f"data.train=[{tmp_path / 'train.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.validation_fraction=0", "data.max_atoms_per_batch=16", "data.num_workers=0",
-            "model.preset=tiny", f"model.overrides={{num_experts: 4, router_scale: {scale}}}", "optim.max_steps=8",
-            "optim.warmup_steps=0", "optim.lr=0.05", "run.dtype=float64", "run.progress=false", "run.log_every=1",
-            f"run.output={output}", "run.checkpoint_every=1000"])
+        config = tiny_float64_run(tmp_path, output, f"model.overrides={{num_experts: 4, router_scale: {scale}}}",
+                                  "optim.max_steps=8", "optim.lr=0.05", "run.log_every=1")
         trainer = Trainer(config)
         tables = [table(trainer.model)]
         for _ in range(8):
@@ -366,12 +370,8 @@ def test_training_log_records_the_largest_gradient_norm_and_the_clipped_steps_be
     logs = {}
     for every in (1, 3):
         output = tmp_path / f"every{every}"
-        config = TrainConfig.load(None, [
-            f"data.train=[{tmp_path / 'train.xyz'}]", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.validation_fraction=0", "data.max_atoms_per_batch=16", "data.num_workers=0",
-            "model.preset=tiny", "optim.max_steps=9", "optim.warmup_steps=0", "optim.lr=0.02",
-            f"optim.grad_clip={clip}", "run.dtype=float64", "run.progress=false", f"run.log_every={every}",
-            f"run.output={output}", "run.checkpoint_every=1000"])
+        config = tiny_float64_run(tmp_path, output, "optim.max_steps=9", "optim.lr=0.02", f"optim.grad_clip={clip}",
+                                  f"run.log_every={every}")
         from janus_potential.training.trainer import Trainer
 
         Trainer(config).fit()
