@@ -365,6 +365,8 @@ def test_training_log_records_the_largest_gradient_norm_and_the_clipped_steps_be
     largest gradient norm and the count of norms above optim.grad_clip over its 3 steps, as
     the same run logged at every step records them one by one (one process, float64: the two
     runs take the same steps)."""
+    from janus_potential.training.trainer import Trainer
+
     write(tmp_path / "train.xyz", labelled_structures(6))
     clip = 0.015  # between this run's gradient norms (0.01-0.03)
     logs = {}
@@ -372,8 +374,6 @@ def test_training_log_records_the_largest_gradient_norm_and_the_clipped_steps_be
         output = tmp_path / f"every{every}"
         config = tiny_float64_run(tmp_path, output, "optim.max_steps=9", "optim.lr=0.02", f"optim.grad_clip={clip}",
                                   f"run.log_every={every}")
-        from janus_potential.training.trainer import Trainer
-
         Trainer(config).fit()
         records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
         logs[every] = {r["step"]: r for r in records if "train_total" in r}
