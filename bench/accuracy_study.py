@@ -14,6 +14,18 @@ reference-energy fit alone (`E ref`, the least-squares fit the model starts from
 same MAEs on the run's training frames (`E train`, `F train`: the generalisation gap).
 Writes bench/results/accuracy_study.json (tables and learning curves) and
 accuracy_study.png (validation errors per file against training time, one line per recipe).
+
+Stability over seeds (the blow-ups of docs/training.md, "The scaled router against its control"):
+
+    python bench/accuracy_study.py --minutes 60 --stop-after 25 --seeds 0 1 2 --recipes A B --parallel 3
+
+`--seeds` runs every recipe once per seed (runs named `recipe@seedN`, `run.seed=N`);
+`--stop-after M` stops each run after M wall-clock minutes, its schedule still that of
+`--minutes` (the learning rate's cosine follows the clock, so the early, high-learning-rate
+part of an N-minute run is what is measured; the evaluation is the last validation record,
+without the training-frame errors). The stability table counts per run the blow-ups (the
+all-files validation force error up by more than 30 % between two validations after step
+1,000), the largest gradient norm logged, and the steps clipped and skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +128,12 @@ for _name, _change in {
                         "model.overrides={num_experts: 2, experts_per_atom: 1, router_scale: 0.01}"],
     "experts2-router-seed1": ["optim.lr=0.002", "optim.grad_clip=1.0", "run.seed=1",
                               "model.overrides={num_experts: 2, experts_per_atom: 1, router_scale: 0.01}"],
+    # stabilisers against the blow-ups (docs/training.md, "Blow-ups"), on the two-expert recipe:
+    # skip a step whose gradient norm is over 10x the median of the last 100; Adam's beta2 0.99
+    "experts2-skip10": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.skip_spikes=10",
+                        "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    "experts2-beta2-0.99": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.beta2=0.99",
+                            "model.overrides={num_experts: 2, experts_per_atom: 1}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
@@ -129,18 +148,32 @@ def run_directory(output: Path, name: str, minutes: float) -> Path:
     return output / f"{name}-{minutes:g}min"
 
 
+def run_names(recipes: list[str], seeds: list[int] | None) -> list[str]:
+    """A run per recipe, or per recipe and seed (`recipe@seedN`), seed by seed: the recipes of
+    one seed run side by side, on the same machine load."""
+    return list(recipes) if seeds is None else [f"{recipe}@seed{seed}" for seed in seeds for recipe in recipes]
+
+
+def overrides(name: str) -> list[str]:
+    """The `--set` overrides of run `name` (`recipe` or `recipe@seedN`)."""
+    recipe, _, seed = name.partition("@seed")
+    return RECIPES[recipe] + ([f"run.seed={int(seed)}"] if seed else [])
+
+
 def command(name: str, minutes: float, output: Path, extra: list[str]) -> list[str]:
     sets = [f"run.output={run_directory(output, name, minutes)}", f"run.max_minutes={minutes}", "run.threads=1",
-            "run.progress=false", "data.num_workers=1", *RECIPES[name], *extra]
+            "run.progress=false", "data.num_workers=1", *overrides(name), *extra]
     return [sys.executable, "-m", "janus_potential.training", "train", str(CONFIG)] + [
         arg for item in sets for arg in ("--set", item)]
 
 
 def finished(directory: Path) -> bool:
-    return (directory / "model.pt").is_file() and (directory / "metrics.jsonl").is_file()
+    """A run that ended (model.pt) or was stopped by `--stop-after` (the marker `stopped`)."""
+    return (directory / "metrics.jsonl").is_file() and any((directory / f).is_file() for f in ("model.pt", "stopped"))
 
 
-def run_recipes(names: list[str], minutes: float, output: Path, parallel: int, force: bool, extra: list[str]) -> None:
+def run_recipes(names: list[str], minutes: float, output: Path, parallel: int, force: bool, extra: list[str],
+                stop_after: float = 0.0) -> None:
     # the project's run environment (Makefile): passive OpenMP threads, no malloc trimming
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="33554432",
                MALLOC_TRIM_THRESHOLD_="10000000000")
@@ -152,11 +185,20 @@ def run_recipes(names: list[str], minutes: float, output: Path, parallel: int, f
             name = queue.pop(0)
             log = open(output / f"{name}-{minutes:g}min.log", "w")
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: {minutes:g} min", flush=True)
+            (run_directory(output, name, minutes) / "stopped").unlink(missing_ok=True)
             running.append((name, subprocess.Popen(command(name, minutes, output, extra), cwd=ROOT, env=env,
-                                                   stdout=log, stderr=subprocess.STDOUT), time.time()))
+                                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                            time.time()))
         time.sleep(5)
         for entry in list(running):
             name, process, started = entry
+            if stop_after and process.poll() is None and time.time() - started > 60 * stop_after:
+                os.killpg(process.pid, signal.SIGTERM)  # the run and its data-loading worker
+                process.wait()
+                (run_directory(output, name, minutes) / "stopped").write_text(f"{stop_after} minutes\n")
+                running.remove(entry)
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: stopped after {stop_after:g} min", flush=True)
+                continue
             if process.poll() is not None:
                 running.remove(entry)
                 state = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see the log)"
@@ -172,9 +214,34 @@ def read_run(directory: Path) -> dict:
     if not validation:
         raise SystemExit(f"{directory}/metrics.jsonl has no validation record")
     return {"steps": validation[-1]["step"], "minutes": validation[-1]["elapsed_s"] / 60,
-            "final": validation[-1]["validation"],
+            "final": validation[-1]["validation"], "stability": stability(train, validation),
             "curve": [{"step": r["step"], "minutes": r["elapsed_s"] / 60, "errors": r["validation"]}
                       for r in validation]}
+
+
+def stability(train: list[dict], validation: list[dict]) -> dict:
+    """Blow-ups (steps of the validations where the all-files force MAE rose by more than 30 %
+    over the previous validation, after step 1,000), the largest gradient norm logged (every
+    step's since `train_grad_norm_max` was logged, else the records' own), the steps clipped
+    and skipped (`optim.skip_spikes`) where logged."""
+    forces = [(r["step"], r["validation"].get("all", {}).get("forces", {}).get("mae")) for r in validation]
+    blowups = [step for (_, before), (step, after) in zip(forces, forces[1:])
+               if step > 1000 and before and after and after > 1.3 * before]
+    norms = [r.get("train_grad_norm_max", r.get("train_grad_norm", 0.0)) for r in train]
+    return {"blowups": blowups, "grad_norm_max": max(norms, default=float("nan")),
+            "clipped_steps": sum(r.get("train_clipped_steps", 0) for r in train),
+            "skipped_steps": sum(r.get("train_skipped_steps", 0) for r in train)}
+
+
+def stability_table(results: dict) -> str:
+    lines = ["| run | steps | blow-ups (step) | largest gradient norm | clipped steps | skipped steps | E all | F all |",
+             "| --- | --: | --- | --: | --: | --: | --: | --: |"]
+    for name, run in results.items():
+        entry, record = run["final"].get("all"), run["stability"]
+        lines.append(f"| {name} | {run['steps']} | {', '.join(map(str, record['blowups'])) or 'none'} | "
+                     f"{record['grad_norm_max']:.3g} | {record['clipped_steps']} | {record['skipped_steps']} | "
+                     f"{mae(entry, 'energy_per_atom', 1000):.1f} | {mae(entry, 'forces'):.3f} |")
+    return "\n".join(lines)
 
 
 def training_split_errors(directory: Path, final: dict) -> dict:
@@ -279,18 +346,25 @@ def main() -> None:
     parser.add_argument("--no-training-split", action="store_true",
                         help="skip the errors on the training frames (a `janus eval` of every frame per run)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every recipe")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every recipe once per seed (`recipe@seedN`)")
+    parser.add_argument("--stop-after", type=float, default=0.0,
+                        help="stop each run after this many wall-clock minutes (its schedule stays --minutes)")
     args = parser.parse_args()
+    names = run_names(args.recipes, args.seeds)
     if not args.report_only:
-        run_recipes(args.recipes, args.minutes, args.output, args.parallel, args.force, args.extra)
-    results = {name: read_run(run_directory(args.output, name, args.minutes)) for name in args.recipes
+        run_recipes(names, args.minutes, args.output, args.parallel, args.force, args.extra, args.stop_after)
+    results = {name: read_run(run_directory(args.output, name, args.minutes)) for name in names
                if (run_directory(args.output, name, args.minutes) / "metrics.jsonl").is_file()}
     for name in results:
-        results[name]["overrides"] = RECIPES[name] + args.extra
-        if not args.no_training_split:
+        results[name]["overrides"] = overrides(name) + args.extra
+        stopped = (run_directory(args.output, name, args.minutes) / "stopped").is_file()
+        results[name]["stopped"] = stopped
+        if not (args.no_training_split or stopped):
             results[name]["training_split"] = training_split_errors(run_directory(args.output, name, args.minutes),
                                                                     results[name]["final"])
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": f"{os.cpu_count()} cores, one thread per run", "minutes": args.minutes,
+           "stop_after_minutes": args.stop_after or None,
            "config": str(CONFIG.relative_to(ROOT)), "runs": results}
     plot(results, RESULTS / f"{args.results}.png")
     for run in results.values():  # the JSON keeps the curves' MAEs only (the full records are in metrics.jsonl)
@@ -299,6 +373,7 @@ def main() -> None:
                                  for group, errors in r["errors"].items()}} for r in run["curve"]]
     (RESULTS / f"{args.results}.json").write_text(json.dumps(out, indent=1))
     print(table(results))
+    print(stability_table(results))
     print(f"wrote {RESULTS / (args.results + '.json')} and {RESULTS / (args.results + '.png')}")
 
 

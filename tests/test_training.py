@@ -385,3 +385,70 @@ def test_training_log_records_the_largest_gradient_norm_and_the_clipped_steps_be
         window = norms[end - 3:end]
         assert logs[3][end]["train_grad_norm_max"] == pytest.approx(max(window), rel=1e-12)
         assert logs[3][end]["train_clipped_steps"] == sum(n > clip for n in window)
+
+
+def test_spike_skipping_leaves_weights_moments_and_ema_and_resumes_with_its_window(tmp_path):
+    """optim.skip_spikes: a step is skipped exactly where its gradient norm exceeds k times the
+    median of the previous `spike_window` norms (recomputed here from the logged norms with
+    numpy); a skipped step leaves the weights, AdamW's moments and the EMA as they were and a
+    step that is not skipped moves them; a run killed after step 5 and resumed from its
+    checkpoint skips the same steps and ends with the same weights as the run that was not."""
+    from janus_potential.training.trainer import Trainer
+
+    write(tmp_path / "train.xyz", labelled_structures(6))
+    sets = ["optim.max_steps=10", "optim.lr=0.02", "optim.skip_spikes=1.0", "optim.spike_window=3", "run.log_every=1"]
+
+    def snapshot(trainer):
+        moments = [value.clone() for state in trainer.optimizer.state.values() for value in state.values()]
+        return ([p.detach().clone() for p in trainer.model.parameters()], moments,
+                {k: v.clone() for k, v in trainer.ema.shadow.items()})
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    output = tmp_path / "whole"
+    trainer = Trainer(tiny_float64_run(tmp_path, output, *sets))
+    before = snapshot(trainer)
+    for _ in range(10):
+        trainer.fit(stop_after_steps=1)
+        after = snapshot(trainer)
+        record = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
+        unchanged = [same(before[0], after[0]), same(before[1], after[1]),
+                     same(list(before[2].values()), list(after[2].values()))]
+        assert unchanged == [bool(record["train_skipped"])] * 3, (record["step"], unchanged)
+        before = after
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if "train_total" in r}
+    norms = np.array([logged[step]["train_grad_norm"] for step in range(1, 11)])
+    expected = [int(t >= 3 and norms[t] > np.median(norms[t - 3:t])) for t in range(10)]
+    assert [logged[step]["train_skipped"] for step in range(1, 11)] == expected
+    assert [logged[step]["train_skipped_steps"] for step in range(1, 11)] == expected
+    assert 0 < sum(expected) < 7, norms  # the rule splits the steps after the window fills
+
+    resumed = tmp_path / "resumed"
+    Trainer(tiny_float64_run(tmp_path, resumed, *sets, "run.checkpoint_every=5")).fit(stop_after_steps=5)
+    final = Trainer(tiny_float64_run(tmp_path, resumed, *sets, "run.checkpoint_every=5"), resume=True)
+    final.fit()
+    again = {r["step"]: r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+             if "train_total" in r}
+    assert [again[step]["train_skipped"] for step in range(1, 11)] == expected
+    for p, q in zip(final.model.parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_beta2_reaches_the_optimizer_and_a_resumed_run(tmp_path):
+    """optim.beta2 is AdamW's second-moment decay: one step of the trainer's AdamW equals
+    torch.optim.AdamW with betas (0.9, beta2) on the same gradients, and a resumed run keeps it."""
+    from janus_potential.training.trainer import Trainer
+
+    write(tmp_path / "train.xyz", labelled_structures(6))
+    output = tmp_path / "beta2"
+    sets = ["optim.max_steps=2", "optim.beta2=0.9", "optim.weight_decay=0", "run.checkpoint_every=1"]
+    trainer = Trainer(tiny_float64_run(tmp_path, output, *sets))
+    trainer.fit(stop_after_steps=1)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.9)
+    state = trainer.optimizer.state[next(trainer.model.parameters())]
+    grad = state["exp_avg"] / (1 - 0.9)  # the first step's moment is (1 - beta1) g
+    torch.testing.assert_close(state["exp_avg_sq"], (1 - 0.9) * grad ** 2, rtol=1e-10, atol=0)
+    resumed = Trainer(tiny_float64_run(tmp_path, output, *sets), resume=True)
+    assert resumed.optimizer.param_groups[0]["betas"] == (0.9, 0.9)

@@ -231,6 +231,14 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0  # with lr 2e-3: the accuracy study's best (docs/training.md)
+    # AdamW's second-moment decay (the first's is 0.9): lower follows a sudden change of the
+    # gradients' scale sooner
+    beta2: float = 0.999
+    # skip a step (no AdamW or EMA update) whose gradient norm exceeds skip_spikes x the median
+    # norm of the previous spike_window steps (skipped ones included, so a lasting change of
+    # scale is followed); 0: never skip. The count per log record is train_skipped_steps
+    skip_spikes: float = 0.0
+    spike_window: int = 100
     ema_decay: float = 0.995
     max_steps: int = 1000
     epochs: int = 0  # 0: as many as max_steps needs
@@ -275,17 +283,18 @@ class ParallelConfig:
 # (requirement, test, keys): the numeric keys that must pass `test`
 RANGES: tuple[tuple[str, Callable[[float], bool], tuple[str, ...]], ...] = (
     ("positive", lambda value: value > 0,
-     ("data.max_atoms_per_batch", "data.prefetch_factor", "optim.lr", "optim.grad_clip", "loss.huber_delta",
-      "loss.forces_scale_floor", "run.log_every", "run.checkpoint_every", "run.progress_every_s", "parallel.dp",
-      "parallel.ep", "parallel.dd", "parallel.bucket_mb")),
+     ("data.max_atoms_per_batch", "data.prefetch_factor", "optim.lr", "optim.grad_clip", "optim.spike_window",
+      "loss.huber_delta", "loss.forces_scale_floor", "run.log_every", "run.checkpoint_every", "run.progress_every_s",
+      "parallel.dp", "parallel.ep", "parallel.dd", "parallel.bucket_mb")),
     ("zero or positive", lambda value: value >= 0,
-     ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.max_steps",
-      "optim.epochs", "loss.energy_huber_delta", "loss.forces_huber_delta", "loss.stress_huber_delta",
+     ("data.max_structures", "data.num_workers", "optim.weight_decay", "optim.skip_spikes", "optim.warmup_steps",
+      "optim.max_steps", "optim.epochs", "loss.energy_huber_delta", "loss.forces_huber_delta", "loss.stress_huber_delta",
       "loss.energy_weight", "loss.forces_weight", "loss.stress_weight", "loss.balance_weight",
       "loss.stage_two_energy_factor", "loss.stage_two_forces_factor", "loss.stage_two_stress_factor",
       "run.threads", "run.max_minutes", "model.lora_rank", "model.lora_alpha")),
     ("between 0 and 1", lambda value: 0 <= value <= 1,
-     ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay", "loss.stage_two_start")),
+     ("data.validation_fraction", "optim.min_lr_ratio", "optim.ema_decay", "optim.beta2",
+      "loss.stage_two_start")),
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS), "run.dtype": ("float32", "float64"), "run.precision": ("float32", "tf32", "bf16"),

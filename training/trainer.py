@@ -38,6 +38,7 @@ import gc
 import json
 import math
 import resource
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -108,6 +109,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.elapsed = 0.0
         self.best_validation = math.inf
+        self.spike_norms: List[float] = []  # the last optim.spike_window gradient norms (`_is_spike`)
         self._last_validation_step = -1
         self._routing_elements: Optional[torch.Tensor] = None  # training elements (`_routing_table`)
         self._routing_previous: Optional[torch.Tensor] = None  # the table at the last log record
@@ -191,8 +193,9 @@ class Trainer:
         (`ShardedAdamW`)."""
         optim = self.config.optim
         if self.shards.mode != "none":
-            return ShardedAdamW(self.shards, lr=optim.lr, weight_decay=optim.weight_decay)
-        return torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+            return ShardedAdamW(self.shards, lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, optim.beta2))
+        return torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                 betas=(0.9, optim.beta2))
 
     def _new_ema(self) -> ExponentialMovingAverage:
         """The EMA of the weights this rank holds at rest (the model's state-dict keys)."""
@@ -418,6 +421,7 @@ class Trainer:
             "optimizer": {"param_groups": groups}, "ema": {"decay": self.ema.decay, "updates": self.ema.updates},
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "elapsed": self.elapsed, "best_validation": self.best_validation, "rng": rng_state(),
+            "spike_norms": list(self.spike_norms),
             "provenance": self.provenance(),
         }
 
@@ -461,6 +465,7 @@ class Trainer:
         torch_optimizer.load_state_dict({"state": moments, "param_groups": groups})
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed, self.best_validation = state["elapsed"], state["best_validation"]
+        self.spike_norms = list(state.get("spike_norms", []))  # absent in checkpoints before optim.skip_spikes
         restore_rng(state["rng"])
 
     def save(self) -> None:
@@ -607,8 +612,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.ema.update(self.model)
+        skipped = self._is_spike(float(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.ema.update(self.model)
         self.shards.release()
 
         logged = torch.stack([terms.get(n, torch.zeros(())).detach().to(torch.float64).cpu()
@@ -623,8 +630,22 @@ class Trainer:
             out["forces_mae_replay"] = float(sums[2] / sums[3].clamp(min=1))
         if not bool(total_counts[2] > 0):
             out.pop("stress")
-        out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))))
+        out.update(grad_norm=float(grad_norm), atoms=int(round(float(total_counts[3]))), skipped=int(skipped))
         return out
+
+    def _is_spike(self, norm: float) -> bool:
+        """Whether this step's gradient norm (the same on every rank: summed over the world)
+        exceeds `optim.skip_spikes` times the median of the last `optim.spike_window` norms;
+        the norm joins that window either way. Off (never a spike) with skip_spikes 0 or
+        until the window is full. The window is checkpointed, so a resumed run skips the
+        same steps."""
+        optim = self.config.optim
+        window = self.spike_norms
+        spike = bool(optim.skip_spikes) and len(window) >= optim.spike_window and \
+            norm > optim.skip_spikes * statistics.median(window)
+        window.append(norm)
+        del window[:-optim.spike_window]
+        return spike
 
     def _compiled_passes(self, share: List[tuple], compute_virial: bool) -> tuple:
         """`train_step`'s evaluations, loss and backward through the compiled step: the label
@@ -852,7 +873,7 @@ class Trainer:
         window_atoms, window_time, window_wait = 0, 0.0, 0.0
         # the largest gradient norm since the last record and the steps clipped: a record holds
         # its own step's norm only, and a blow-up starts between records (docs/training.md)
-        window_norm_max, window_clipped = 0.0, 0
+        window_norm_max, window_clipped, window_skipped = 0.0, 0, 0
         stream = iter(sample_loader(FlaggedSamples(self.samples), self._planned_batches(), self.num_workers,
                                     self.config.data.prefetch_factor))
         while not self._finished():
@@ -869,6 +890,7 @@ class Trainer:
                 window_time += duration
                 window_norm_max = max(window_norm_max, record["grad_norm"])
                 window_clipped += int(record["grad_norm"] > self.config.optim.grad_clip)
+                window_skipped += record["skipped"]
                 self.step += 1
                 self.batch_in_epoch += 1
                 steps_this_call += 1
@@ -880,9 +902,10 @@ class Trainer:
                                "elapsed_s": self.elapsed, "atoms_per_s": window_atoms / max(window_time, 1e-9),
                                "data_wait_s": window_wait, **{f"train_{k}": v for k, v in record.items()},
                                "train_grad_norm_max": window_norm_max, "train_clipped_steps": window_clipped,
+                               "train_skipped_steps": window_skipped,
                                **self._routing_record(), **self._compile_record()})
                     window_atoms, window_time, window_wait = 0, 0.0, 0.0
-                    window_norm_max, window_clipped = 0.0, 0
+                    window_norm_max, window_clipped, window_skipped = 0.0, 0, 0
                 if self.step % run.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
