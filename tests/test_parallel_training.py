@@ -333,3 +333,24 @@ def test_compiled_training_equals_eager_on_one_process_and_two_data_or_expert_ra
     assert_same_training_state(tmp_path / "compiled_ep", tmp_path / "eager")
     log = [line for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if "compiles" in line]
     assert log, "the compiled run logs its compile count"
+
+
+def step_records(output: Path) -> list:
+    return [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "train_total" in r]
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_spike_skipping_on_two_sharded_expert_ranks_equals_one_process(train_config, tmp_path):
+    """optim.skip_spikes on ep=2 with parallel.shard=full: every rank skips the same steps (the
+    gradient norm is summed over the world before the rule sees it), and model, EMA and AdamW
+    moments equal the one-process run's, which skips the same step."""
+    spikes = ("optim.skip_spikes=1.0", "optim.spike_window=1")  # skip a step whose norm exceeds the last one
+    janus_train(train_config, 1, f"run.output={tmp_path / 'one'}", *spikes)
+    janus_train(train_config, 2, f"run.output={tmp_path / 'ep'}", *spikes, "parallel.shard=full", layout=(1, 2, 1))
+    one = step_records(tmp_path / "one")
+    norms = [r["train_grad_norm"] for r in one]
+    expected = [0] + [int(b > a) for a, b in zip(norms, norms[1:])]
+    assert [r["train_skipped"] for r in one] == expected and sum(expected) == 1, norms
+    assert [r["train_skipped"] for r in step_records(tmp_path / "ep")] == expected
+    assert_same_training_state(tmp_path / "ep", tmp_path / "one")
