@@ -39,6 +39,9 @@ class ModelConfig:
     readout_hidden: int = 64
     max_atomic_number: int = 100
     logit_cap: float = 5.0
+    # a LayerNorm of the node features before each layer's three-body, value and query/key
+    # projections (nn/interaction.py); off: the raw residual stream feeds them
+    attention_norm: bool = False
     zbl: bool = True  # ZBL short-range repulsion prior (nn/repulsion.py)
     # element embedding = a learned row per element + a learned map of fixed chemical
     # descriptors (period, group, block, electronegativity, radius, ...): nn/embedding.py

@@ -181,7 +181,7 @@ class JanusPotential(nn.Module):
                     config.filter_groups,
                     config.num_experts, config.experts_per_atom, config.expert_hidden,
                     config.shared_expert_hidden, config.router_uses_features, config.logit_cap,
-                    config.router_scale,
+                    config.router_scale, config.attention_norm,
                 )
                 for _ in range(config.num_interactions)
             ]

@@ -24,3 +24,11 @@ class TestElementFeatures(ModelTests):
 
     preset = "tiny"
     overrides = {"element_features": True}
+
+
+class TestAttentionNorm(ModelTests):
+    """A LayerNorm before each layer's three-body, value and query/key projections
+    (`attention_norm`, nn/interaction.py)."""
+
+    preset = "tiny"
+    overrides = {"attention_norm": True}

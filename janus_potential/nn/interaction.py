@@ -43,6 +43,7 @@ class InteractionLayer(nn.Module):
         router_uses_features: bool,
         logit_cap: float,
         router_scale: float = 1.0,
+        attention_norm: bool = False,
     ) -> None:
         super().__init__()
         if features % filter_groups or filter_groups % num_heads:
@@ -73,6 +74,11 @@ class InteractionLayer(nn.Module):
         self.value = nn.Linear(features, features)
         self.query_key = nn.Linear(features, 2 * num_heads)
         self.message_out = nn.Linear(features, features, bias=False)
+        # attention_norm: a LayerNorm of the node features before the three-body, value and
+        # query/key projections (pre-norm, as before the MoE), so that their inputs, and the
+        # gradients of their weights, which are proportional to them, do not grow with the
+        # residual stream (docs/model.md; the accuracy study's blow-ups, docs/training.md)
+        self.input_norm = nn.LayerNorm(features) if attention_norm else nn.Identity()
         self.norm = nn.LayerNorm(features)
         self.moe = MixtureOfExperts(
             features, num_experts, experts_per_atom, expert_hidden, shared_hidden, router_uses_features,
@@ -91,8 +97,9 @@ class InteractionLayer(nn.Module):
         n_nodes = h.shape[0]
         heads = self.num_heads
 
-        # Three-body: bond state b_ij = sum_k T(j,i,k) * W h_k over short edges i->j, i->k.
-        neighbour_proj = self.three_body_neighbour(h)
+        x = self.input_norm(h)
+        # Three-body: bond state b_ij = sum_k T(j,i,k) * W x_k over short edges i->j, i->k.
+        neighbour_proj = self.three_body_neighbour(x)
         triplet = self.three_body_basis(geometry.triplet_basis) * neighbour_proj.index_select(
             0, geometry.triplet_neighbour
         )
@@ -100,8 +107,8 @@ class InteractionLayer(nn.Module):
         bond = bond.index_add(0, geometry.triplet_edge, triplet)
 
         edge_input = torch.cat([geometry.radial, bond], dim=1)
-        query_key = self.query_key(h)
-        value = self.value(h)
+        query_key = self.query_key(x)
+        value = self.value(x)
 
         # Attention over neighbours, normalised per head at the centre atom. The weights
         # carry the cutoff envelope and the "1 +" in the denominator, so a neighbour
