@@ -138,6 +138,8 @@ for _name, _change in {
     # attention_norm): their weights' gradients no longer grow with the residual stream
     "experts2-attnorm": ["optim.lr=0.002", "optim.grad_clip=1.0",
                          "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
+    "experts2-attnorm-lr3e-3": ["optim.lr=0.003", "optim.grad_clip=1.0",
+                               "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
     "experts2-attnorm-beta2-0.99": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.beta2=0.99",
                                     "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
