@@ -43,6 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CONFIG = ROOT / "examples" / "accuracy.yaml"
 
+
+def experts2(*sets: str, model: str = "") -> list[str]:
+    """The two-expert recipe's changes against `baseline` (lr 2e-3, clipping at 1, two experts
+    top-1), then `sets` (later values win) and the model options `model` ("key: value, ...")."""
+    options = "num_experts: 2, experts_per_atom: 1" + (f", {model}" if model else "")
+    return ["optim.lr=0.002", "optim.grad_clip=1.0", *sets, f"model.overrides={{{options}}}"]
+
+
 # name -> --set overrides of examples/accuracy.yaml (its own values are the "current" recipe)
 RECIPES: dict[str, list[str]] = {
     # the recipe of issue 14's table: accuracy.yaml as it was (absolute Huber loss, delta 0.1,
@@ -130,18 +138,13 @@ for _name, _change in {
                               "model.overrides={num_experts: 2, experts_per_atom: 1, router_scale: 0.01}"],
     # stabilisers against the blow-ups (docs/training.md, "Blow-ups"), on the two-expert recipe:
     # skip a step whose gradient norm is over 10x the median of the last 100; Adam's beta2 0.99
-    "experts2-skip10": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.skip_spikes=10",
-                        "model.overrides={num_experts: 2, experts_per_atom: 1}"],
-    "experts2-beta2-0.99": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.beta2=0.99",
-                            "model.overrides={num_experts: 2, experts_per_atom: 1}"],
+    "experts2-skip10": experts2("optim.skip_spikes=10"),
+    "experts2-beta2-0.99": experts2("optim.beta2=0.99"),
     # a LayerNorm before each layer's three-body, value and query/key projections (model option
     # attention_norm): their weights' gradients no longer grow with the residual stream
-    "experts2-attnorm": ["optim.lr=0.002", "optim.grad_clip=1.0",
-                         "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
-    "experts2-attnorm-lr3e-3": ["optim.lr=0.003", "optim.grad_clip=1.0",
-                               "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
-    "experts2-attnorm-beta2-0.99": ["optim.lr=0.002", "optim.grad_clip=1.0", "optim.beta2=0.99",
-                                    "model.overrides={num_experts: 2, experts_per_atom: 1, attention_norm: true}"],
+    "experts2-attnorm": experts2(model="attention_norm: true"),
+    "experts2-attnorm-lr3e-3": experts2("optim.lr=0.003", model="attention_norm: true"),
+    "experts2-attnorm-beta2-0.99": experts2("optim.beta2=0.99", model="attention_norm: true"),
     "energy-delta1": ["loss.energy_huber_delta=1.0"],
     # a higher learning rate held stable by tighter clipping (lr3e-3 alone diverged)
     "lr2e-3-clip1": ["optim.lr=0.002", "optim.grad_clip=1.0"],
