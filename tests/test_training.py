@@ -452,3 +452,5 @@ def test_adam_beta2_reaches_the_optimizer_and_a_resumed_run(tmp_path):
     torch.testing.assert_close(state["exp_avg_sq"], (1 - 0.9) * grad ** 2, rtol=1e-10, atol=0)
     resumed = Trainer(tiny_float64_run(tmp_path, output, *sets), resume=True)
     assert resumed.optimizer.param_groups[0]["betas"] == (0.9, 0.9)
+    with pytest.raises(JanusInputError, match="optim.beta2 must be below 1"):
+        tiny_float64_run(tmp_path, output, "optim.beta2=1").validate()

@@ -363,6 +363,8 @@ class TrainConfig:
                 raise JanusInputError(f"run.compile needs run.precision float32 (got {self.run.precision})")
         if not (self.optim.max_steps or self.optim.epochs):
             raise JanusInputError("config keys optim.max_steps and optim.epochs are both 0: set one of them")
+        if not self.optim.beta2 < 1:
+            raise JanusInputError(f"config key optim.beta2 must be below 1 (AdamW), got {self.optim.beta2}")
         try:
             ModelConfig.from_preset(self.model.preset, **self.model.overrides)
         except (TypeError, ValueError) as exc:
